@@ -1,0 +1,155 @@
+"""MobileViM assembled: stem, four stages of MobileMamba blocks, decoder, output at the input's size.
+
+    x (B, in, D, H, W)
+    -> stem: 3^3 conv, stride s_0                          (B, C_stem, D/s_0, ...)
+    -> stage i: [MBConv downsample, stride s_i] + MobileMambaBlock   (B, C_i, D/(s_0..s_i), ...)
+    -> decoder -> logits at stage-1 resolution -> trilinear upsample to (D, H, W)
+
+Any 3D patch works: strides are per axis (an nnU-Net plan's first four pooling steps), and an input
+that is not a multiple of the total stride is replicate-padded and the logits cropped back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MobileViMConfig, load_config
+from .layers.conv_blocks import ConvNormAct, MBConvDownsample, Stride, as_stride, prod_strides
+from .layers.decoder import MobileViMDecoder
+from .layers.mobile_mamba_block import MobileMambaBlock
+
+NUM_DOWNSAMPLINGS = 4
+
+
+class MobileViMEncoder(nn.Module):
+    """(B, in, D, H, W) -> [f_0, f_1, f_2, f_3], f_i: (B, C_i, (D, H, W) / prod(strides[:i+1]))."""
+
+    def __init__(self, input_channels: int, config: MobileViMConfig, strides: Sequence[Stride]) -> None:
+        super().__init__()
+        cfg = config
+        self.stem = ConvNormAct(input_channels, cfg.stem_channels, 3, strides[0], norm=cfg.norm)
+        self.stages = nn.ModuleList()
+        previous = cfg.stem_channels
+        for i, (channels, layers) in enumerate(zip(cfg.stage_channels, cfg.mamba_layers)):
+            blocks: List[nn.Module] = []
+            if i > 0 or channels != previous:
+                blocks.append(MBConvDownsample(previous, channels, strides[i] if i > 0 else 1,
+                                               cfg.downsample_expand, cfg.norm))
+            blocks.append(MobileMambaBlock(channels, layers, cfg.dimin_token_size, cfg.d_state, cfg.d_conv,
+                                           cfg.expand, cfg.norm, mamba=cfg.mamba, dual_direction=cfg.dual_direction,
+                                           dimension_independent=cfg.dimension_independent))
+            self.stages.append(nn.Sequential(*blocks))
+            previous = channels
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        x = self.stem(x)
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+
+class MobileViM(nn.Module):
+    """MobileViM_s / MobileViM_xs (Dai, Wang, Liu 2025) as an nnU-Net-compatible 3D segmentation network.
+
+    Args (keyword-only, so an nnU-Net plans file can name this class by dotted path):
+        input_channels: image channels (1-4 typical).
+        num_classes: output channels (segmentation heads).
+        variant: ``"s"``, ``"xs"``, a path to a JSON config, or a :class:`MobileViMConfig`.
+        strides: four per-axis strides (stem and three downsamplings); default 2 on every axis.
+        deep_supervision: return [full-res logits, then lower-resolution logits] for nnU-Net's loss.
+        **overrides: any :class:`MobileViMConfig` field, e.g. ``dual_direction=False`` (ablation).
+
+    Forward: (B, input_channels, D, H, W) -> (B, num_classes, D, H, W), or a list of logits with deep
+    supervision, highest resolution first, at the per-axis scales in ``deep_supervision_scales``.
+    """
+
+    def __init__(self, *, input_channels: int, num_classes: int,
+                 variant: Union[str, Path, MobileViMConfig] = "s",
+                 strides: Optional[Sequence[Union[int, Sequence[int]]]] = None,
+                 deep_supervision: bool = False, **overrides) -> None:
+        super().__init__()
+        config = load_config(variant)
+        if overrides:
+            config = MobileViMConfig.from_dict({**config.to_dict(), **overrides}, source=f"{config.name} + overrides")
+        if int(input_channels) < 1 or int(num_classes) < 1:
+            raise ValueError(f"input_channels and num_classes must be >= 1, got {input_channels}, {num_classes}")
+        strides = [2] * NUM_DOWNSAMPLINGS if strides is None else list(strides)
+        if len(strides) != NUM_DOWNSAMPLINGS:
+            raise ValueError(f"MobileViM downsamples {NUM_DOWNSAMPLINGS} times; strides needs "
+                             f"{NUM_DOWNSAMPLINGS} entries, got {len(strides)}: {strides}")
+        self.strides: Tuple[Stride, ...] = tuple(as_stride(s) for s in strides)
+        if any(s < 1 for st in self.strides for s in st):
+            raise ValueError(f"strides must be >= 1, got {self.strides}")
+        self.config = config
+        self.input_channels, self.num_classes = int(input_channels), int(num_classes)
+        self.encoder = MobileViMEncoder(self.input_channels, config, self.strides)
+        self.decoder = MobileViMDecoder(config.stage_channels, self.strides[1:], self.num_classes,
+                                        config.bottleneck_expand, config.uplink_expand, config.norm,
+                                        scale_bridger=config.scale_bridger, deep_supervision=deep_supervision)
+
+    @property
+    def total_stride(self) -> Stride:
+        """Per-axis downsampling factor at the deepest stage: inputs are padded to multiples of it."""
+        return prod_strides(self.strides)
+
+    @property
+    def deep_supervision_scales(self) -> List[List[float]]:
+        """Per-axis scale of each deep-supervision output relative to the input, highest first;
+        the format of nnU-Net's ``_get_deep_supervision_scales``."""
+        scales = [[1.0, 1.0, 1.0]]
+        for i in range(len(self.decoder.ds_heads)):
+            scales.append([1.0 / s for s in prod_strides(self.strides[:i + 1])])
+        return scales
+
+    def check_input_size(self, spatial: Sequence[int]) -> None:
+        """ValueError when a patch is too small for the strides (deepest stage under one voxel)."""
+        spatial = tuple(int(s) for s in spatial)
+        if len(spatial) != 3:
+            raise ValueError(f"MobileViM is a 3D network: expected (D, H, W), got a patch of {spatial}")
+        need = self.total_stride
+        if any(s < n for s, n in zip(spatial, need)):
+            raise ValueError(
+                f"patch size {list(spatial)} is too small for the strides {[list(s) for s in self.strides]}: "
+                f"each axis must be at least the total stride {list(need)} (ideally a multiple of it)")
+
+    def forward(self, x: Tensor):
+        if x.dim() != 5:
+            raise ValueError(f"expected a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.input_channels:
+            raise ValueError(f"this MobileViM was built for {self.input_channels} input channel(s), "
+                             f"got {x.shape[1]} (input shape {tuple(x.shape)})")
+        size = x.shape[2:]
+        self.check_input_size(size)
+        pads: List[int] = []
+        for s, n in zip(reversed(size), reversed(self.total_stride)):
+            pads += [0, (-s) % n]
+        xp = F.pad(x, pads, mode="replicate") if any(pads) else x
+        out = self.decoder(self.encoder(xp))
+        logits, extra = (out if self.decoder.deep_supervision else (out, []))
+        logits = F.interpolate(logits, size=xp.shape[2:], mode="trilinear", align_corners=False)
+        logits = logits[..., :size[0], :size[1], :size[2]]
+        if not self.decoder.deep_supervision:
+            return logits
+        crops = []
+        for t, scale in zip(extra, self.deep_supervision_scales[1:]):
+            crops.append(t[..., :_ceil(size[0], scale[0]), :_ceil(size[1], scale[1]), :_ceil(size[2], scale[2])])
+        return [logits] + crops
+
+
+def _ceil(size: int, scale: float) -> int:
+    return -(-size // round(1 / scale))
+
+
+def count_parameters(module: nn.Module, deep_supervision_heads: bool = True) -> int:
+    """Parameters of a MobileViM, optionally without the deep-supervision heads."""
+    total = sum(p.numel() for p in module.parameters())
+    if not deep_supervision_heads and isinstance(module, MobileViM):
+        total -= sum(p.numel() for p in module.decoder.ds_heads.parameters())
+    return total

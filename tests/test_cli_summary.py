@@ -1,0 +1,43 @@
+"""`nnunetv2_mobilevim summary`, run as a user would: a real subprocess."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "nnunetv2_mobilevim.cli", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("variant,paper", [("s", 6.29e6), ("xs", 2.89e6)])
+def test_summary_reproduces_parameter_counts(variant, paper):
+    res = run("summary", "--variant", variant, "--in-channels", "1", "--classes", "4", "--patch", "64", "--json")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert {"params", "params_inference", "macs", "output_shapes"} <= set(info)
+    assert abs(info["params_inference"] / paper - 1) <= 0.02
+    assert info["params"] > info["params_inference"]
+    assert info["macs"] > info["macs_scan"] > 0
+    assert info["output_shapes"][0] == [1, 4, 64, 64, 64]
+
+
+def test_summary_text_output():
+    res = run("summary", "--variant", "xs", "--patch", "32", "48", "64")
+    assert res.returncode == 0, res.stderr
+    assert "MobileViM_xs" in res.stdout and "MACs per sample" in res.stdout and "(1, 4, 32, 48, 64)" in res.stdout
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["summary", "--patch", "8"], "too small"),
+    (["summary", "--variant", "m"], "unknown MobileViM variant"),
+    (["summary", "--classes", "0"], "must be >= 1"),
+    (["summary", "--patch", "64", "64"], "1 or 3 sizes"),
+])
+def test_bad_arguments_give_a_message_not_a_traceback(args, expected):
+    res = run(*args)
+    assert res.returncode == 2
+    assert expected in res.stderr
+    assert "Traceback" not in res.stderr
