@@ -61,7 +61,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(workdir=args.workdir, epochs=args.epochs, iterations=args.iterations, device=args.device,
-                    trainer=args.trainer, keep=args.keep)
+                    trainer=args.trainer)
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
@@ -92,15 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser("demo", help="train and evaluate on the embedded real-anatomy dataset")
-    p.add_argument("--workdir", default=None, help="folder for nnU-Net's raw/preprocessed/results (default: a temp dir)")
-    p.add_argument("--epochs", type=_positive, default=None, help="epochs (default: 3 on CPU, 20 on GPU)")
+    p.add_argument("--workdir", default=None,
+                   help="folder for nnU-Net's raw/preprocessed/results and the outputs (default: a new temp dir)")
+    p.add_argument("--epochs", type=_positive, default=None, help="epochs (default: 4 on CPU, 20 on GPU)")
     p.add_argument("--iterations", type=_positive, default=None,
-                   help="training iterations per epoch (default: 12 on CPU, 50 on GPU)")
+                   help="training iterations per epoch (default: 25 on CPU, 50 on GPU)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--trainer", default="nnUNetTrainerMobileViM_demo", help="trainer class to use")
-    p.add_argument("--keep", action="store_true", help="keep the work folder (default with --workdir)")
+    p.add_argument("--trainer", default="nnUNetTrainerMobileViM", help="trainer class (default MobileViM_s)")
     p.set_defaults(func=_cmd_demo)
 
+    p = sub.add_parser("benchmark", help="side-by-side GPU benchmark against nnU-Net's networks")
+    from .benchmark import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_cmd_benchmark)
     return parser
 
 

@@ -103,10 +103,7 @@ class MobileViM(nn.Module):
     def deep_supervision_scales(self) -> List[List[float]]:
         """Per-axis scale of each deep-supervision output relative to the input, highest first;
         the format of nnU-Net's ``_get_deep_supervision_scales``."""
-        scales = [[1.0, 1.0, 1.0]]
-        for i in range(len(self.decoder.ds_heads)):
-            scales.append([1.0 / s for s in prod_strides(self.strides[:i + 1])])
-        return scales
+        return deep_supervision_scales(self.strides)
 
     def check_input_size(self, spatial: Sequence[int]) -> None:
         """ValueError when a patch is too small for the strides (deepest stage under one voxel)."""
@@ -141,6 +138,13 @@ class MobileViM(nn.Module):
         for t, scale in zip(extra, self.deep_supervision_scales[1:]):
             crops.append(t[..., :_ceil(size[0], scale[0]), :_ceil(size[1], scale[1]), :_ceil(size[2], scale[2])])
         return [logits] + crops
+
+
+def deep_supervision_scales(strides: Sequence[Stride]) -> List[List[float]]:
+    """Scales of the outputs with deep supervision for the four per-axis ``strides``: the full
+    resolution, then the decoder outputs of stages 1-3 (``1/s0``, ``1/(s0*s1)``, ``1/(s0*s1*s2)``)."""
+    strides = [as_stride(s) for s in strides]
+    return [[1.0, 1.0, 1.0]] + [[1.0 / s for s in prod_strides(strides[:i + 1])] for i in range(NUM_DOWNSAMPLINGS - 1)]
 
 
 def _ceil(size: int, scale: float) -> int:

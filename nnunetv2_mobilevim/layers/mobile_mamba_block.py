@@ -32,6 +32,11 @@ class DiminMamba(nn.Module):
     Sequence length drops from N to ~N^(1/3) per axis (Eq. 8).
 
     Without Dimin (ablation): tokens are P^3 voxel cubes, one sequence of D*H*W/P^3 tokens.
+
+    AMP safety (ours): the stack ends with an RMSNorm (Mamba's ``norm_f``), so the three factors of
+    the product stay O(1) however the residual stream grows, and the whole profile path runs in
+    float32 (autocast off: a few hundred tokens, negligible cost). Without both, the product of three
+    unnormalised profiles overflows float16 after a few hundred AMP training steps (seen on an H100).
     """
 
     def __init__(self, channels: int, num_layers: int, token_size: int = 2, d_state: int = 16, d_conv: int = 4,
@@ -42,11 +47,15 @@ class DiminMamba(nn.Module):
         token_dim = channels * (token_size if dimension_independent else token_size ** 3)
         self.layers = nn.Sequential(*[
             DualDirectionMamba(token_dim, d_state=d_state, d_conv=d_conv, expand=expand,
-                               dual_direction=dual_direction) for _ in range(num_layers)])
+                               dual_direction=dual_direction) for _ in range(num_layers)],
+            nn.RMSNorm(token_dim, eps=1e-5))
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.dimension_independent:
-            return self._forward_volume(x)
+        with torch.autocast(x.device.type, enabled=False):
+            out = self._forward_volume(x.float()) if not self.dimension_independent else self._forward_dimin(x.float())
+        return out.to(x.dtype)
+
+    def _forward_dimin(self, x: Tensor) -> Tensor:
         p = self.token_size
         profiles = [x.mean(dim=(3, 4)), x.mean(dim=(2, 4)), x.mean(dim=(2, 3))]  # (B, C, D), (B, C, H), (B, C, W)
         lengths = [pr.shape[-1] for pr in profiles]

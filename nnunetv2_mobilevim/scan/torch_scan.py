@@ -49,6 +49,9 @@ def linear_recurrence(a: Tensor, b: Tensor) -> Tensor:
     a, b: (..., L, N) -> h: (..., L, N). Log-depth inclusive scan of the affine maps (a, b).
     """
     length = a.shape[-2]
+    # h_0 = a_0 * h_{-1} + b_0 with h_{-1} = 0, written out so that a_0 is part of the graph (its
+    # gradient is 0, not None, which DistributedDataParallel needs for one-token sequences).
+    b = torch.cat([a[..., :1, :] * 0 + b[..., :1, :], b[..., 1:, :]], dim=-2)
     offset = 1
     while offset < length:
         b = torch.cat([b[..., :offset, :], a[..., offset:, :] * b[..., :-offset, :] + b[..., offset:, :]], dim=-2)

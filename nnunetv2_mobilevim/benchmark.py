@@ -1,0 +1,240 @@
+"""``nnunetv2_mobilevim benchmark``: MobileViM next to nnU-Net's own networks, one process, one run.
+
+For each network: parameters, MACs per sample (PyTorch's FlopCounterMode, plus the selective scan by
+Eq. 7 for MobileViM), forward passes per second at the inference batch (fp32, fp16 autocast, bf16
+autocast), one training step (forward, backward, SGD step; fp16 autocast + GradScaler) and the peak
+GPU memory of inference and training. Timing: CUDA events around each call after warm-up; medians.
+Output: a markdown table on stdout, a JSON file and a PNG (speed against parameters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+from torch import nn
+
+NETWORKS = ("mobilevim_s", "mobilevim_xs", "plainconvunet", "resenc_m")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--patch", type=int, nargs=3, default=[128, 128, 128], metavar=("D", "H", "W"))
+    p.add_argument("--in-channels", type=int, default=1)
+    p.add_argument("--classes", type=int, default=4)
+    p.add_argument("--batch", type=int, default=1, help="inference batch (default 1)")
+    p.add_argument("--train-batch", type=int, default=2, help="training-step batch (default 2, nnU-Net's)")
+    p.add_argument("--iterations", type=int, default=30, help="timed iterations per measurement")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=NETWORKS)
+    p.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.png (default: print only)")
+    p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also time inference replayed from a CUDA graph (MobileViM: BatchNorm folded too) and report "
+                        "the largest logit difference to the plain fp32 forward")
+    p.add_argument("--profile", action="store_true",
+                   help="print where the fp16 forward of each MobileViM spends its GPU time (torch.profiler)")
+
+
+def _nnunet_unet(kind: str, in_channels: int, classes: int, patch) -> nn.Module:
+    """nnU-Net's networks with the topology its planners give an isotropic patch: stride-2 stages while
+    every axis stays >= 4 (at most 6 stages), features 32 doubling to 320, InstanceNorm, LeakyReLU;
+    PlainConvUNet with 2 convs per stage (default 3d_fullres), ResidualEncoderUNet with the ResEnc-M
+    blocks per stage (1, 3, 4, 6, 6, 6) and 1 decoder conv."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+
+    n_stages, strides, patch = 1, [[1, 1, 1]], list(patch)
+    size = list(patch)
+    while len(strides) < 6 and all(s % 2 == 0 and s // 2 >= 4 for s in size):  # isotropic cube halving
+        strides.append([2, 2, 2])
+        size = [s // 2 for s in size]
+        n_stages += 1
+    features = [min(32 * 2 ** i, 320) for i in range(n_stages)]
+    common = dict(input_channels=in_channels, n_stages=n_stages, features_per_stage=features, conv_op=nn.Conv3d,
+                  kernel_sizes=[[3, 3, 3]] * n_stages, strides=strides, num_classes=classes, conv_bias=True,
+                  norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
+                  nonlin_kwargs={"inplace": True}, deep_supervision=False)
+    if kind == "plainconvunet":
+        return PlainConvUNet(n_conv_per_stage=[2] * n_stages, n_conv_per_stage_decoder=[2] * (n_stages - 1), **common)
+    return ResidualEncoderUNet(n_blocks_per_stage=[1, 3, 4, 6, 6, 6][:n_stages],
+                               n_conv_per_stage_decoder=[1] * (n_stages - 1), **common)
+
+
+def build(name: str, in_channels: int, classes: int, patch) -> nn.Module:
+    if name.startswith("mobilevim"):
+        from .network import MobileViM
+
+        return MobileViM(input_channels=in_channels, num_classes=classes, variant=name.split("_")[1])
+    return _nnunet_unet(name, in_channels, classes, patch)
+
+
+def _time_cuda(fn: Callable[[], None], iterations: int, warmup: int) -> float:
+    """Median milliseconds of ``fn`` measured with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iterations):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def measure(name: str, args: argparse.Namespace) -> Dict:
+    from .summary import count_macs
+
+    dev = torch.device("cuda")
+    net = build(name, args.in_channels, args.classes, args.patch).to(dev)
+    row: Dict = {"network": name, "params": sum(p.numel() for p in net.parameters())}
+    net.eval()
+    x = torch.randn(args.batch, args.in_channels, *args.patch, device=dev)
+    row["macs_per_sample"] = count_macs(net, x[:1])["macs"]
+    for label, dtype in (("fp32", None), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        def forward():
+            with torch.no_grad(), torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+                net(x)
+        torch.cuda.reset_peak_memory_stats()
+        ms = _time_cuda(forward, args.iterations, args.warmup)
+        row[f"fps_{label}"] = 1000.0 * args.batch / ms
+        if label == "fp16":
+            row["infer_peak_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    if args.cuda_graphs:
+        from .fast_inference import CUDAGraphRunner, fold_batchnorm
+
+        fast = fold_batchnorm(net) if name.startswith("mobilevim") else net
+        runner = CUDAGraphRunner(fast)
+        with torch.no_grad():
+            ref = net(x)
+            row["fast_max_abs_diff_fp32"] = (runner(x) - ref).abs().max().item()
+            row["logit_max_abs_fp32"] = ref.abs().max().item()
+
+        def graphed():
+            with torch.autocast("cuda", dtype=torch.float16):
+                runner(x)
+        row["fps_fp16_graph"] = 1000.0 * args.batch / _time_cuda(graphed, args.iterations, args.warmup)
+        del runner, fast
+    if args.profile and name.startswith("mobilevim"):
+        row["profile"] = profile_forward(net, x)
+    if not args.no_train:
+        net.train()
+        opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
+        scaler = torch.amp.GradScaler("cuda")
+        xt = torch.randn(args.train_batch, args.in_channels, *args.patch, device=dev)
+        target = torch.randint(0, args.classes, (args.train_batch, *args.patch), device=dev)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.float16):
+                out = net(xt)
+                loss = nn.functional.cross_entropy(out, target)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        torch.cuda.reset_peak_memory_stats()
+        row["train_step_ms"] = _time_cuda(step, max(5, args.iterations // 2), args.warmup)
+        row["train_peak_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    del net
+    torch.cuda.empty_cache()
+    return row
+
+
+def profile_forward(net: nn.Module, x: torch.Tensor, steps: int = 5) -> Dict:
+    """GPU kernel time per forward (fp16 autocast), kernel launches per forward, top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        for _ in range(3):
+            net(x)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                net(x)
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / steps
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total_us = sum(e.self_device_time_total for e in events) / steps
+    launches = sum(e.count for e in events) / steps
+    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:12]
+    table = [{"kernel": e.key[:90], "ms_per_forward": e.self_device_time_total / steps / 1000,
+              "share": e.self_device_time_total / steps / max(total_us, 1e-9), "calls": e.count / steps} for e in top]
+    print(f"\nprofile: {total_us / 1000:.2f} ms GPU kernel time and {launches:.0f} kernels per forward, "
+          f"{wall * 1000:.2f} ms wall (profiler on)", file=sys.stderr)
+    for t in table:
+        print(f"  {t['ms_per_forward']:7.3f} ms {t['share']:6.1%} x{t['calls']:5.0f}  {t['kernel']}", file=sys.stderr)
+    return {"gpu_ms": total_us / 1000, "kernels": launches, "wall_ms": wall * 1000, "top": table}
+
+
+def markdown(result: Dict) -> str:
+    rows = result["rows"]
+    base = next((r for r in rows if r["network"] == "plainconvunet"), None)
+    head = ("| network | params (M) | GMACs/sample | fwd fp32 FPS | fwd fp16 FPS | fwd bf16 FPS | "
+            "fp16 FPS vs PlainConvUNet | train step (ms) | train vs PlainConvUNet | train peak (GB) | "
+            "peak vs PlainConvUNet |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        ratio = lambda k: f"{r[k] / base[k]:.2f}x" if base and k in r and k in base else "-"  # noqa: E731
+        lines.append(
+            f"| {r['network']} | {r['params'] / 1e6:.2f} | {r['macs_per_sample'] / 1e9:.1f} | {r['fps_fp32']:.1f} | "
+            f"{r['fps_fp16']:.1f} | {r['fps_bf16']:.1f} | {ratio('fps_fp16')} | "
+            f"{r.get('train_step_ms', float('nan')):.1f} | {ratio('train_step_ms')} | "
+            f"{r.get('train_peak_gb', float('nan')):.2f} | {ratio('train_peak_gb')} |")
+    if any("fps_fp16_graph" in r for r in rows):
+        lines += ["", "| network | fwd fp16 FPS, CUDA graph | vs PlainConvUNet (graph) | max abs logit diff vs plain fp32 |",
+                  "|---|---|---|---|"]
+        for r in rows:
+            ratio = f"{r['fps_fp16_graph'] / base['fps_fp16_graph']:.2f}x" if base and "fps_fp16_graph" in base else "-"
+            lines.append(f"| {r['network']} | {r['fps_fp16_graph']:.1f} | {ratio} | "
+                         f"{r['fast_max_abs_diff_fp32']:.2e} (logits up to {r['logit_max_abs_fp32']:.1f}) |")
+    return "\n".join(lines)
+
+
+def plot(result: Dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in result["rows"]:
+        ax.scatter(r["params"] / 1e6, r["fps_fp16"], s=60)
+        ax.annotate(r["network"], (r["params"] / 1e6, r["fps_fp16"]), textcoords="offset points", xytext=(5, 5))
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (M, log scale)")
+    ax.set_ylabel("forward passes / s (fp16 autocast, batch %d)" % result["batch"])
+    ax.set_title(f"{result['device']}, patch {'x'.join(map(str, result['patch']))}")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print("nnunetv2_mobilevim benchmark: error: needs a CUDA GPU (the goals are GPU speed goals)", file=sys.stderr)
+        return 2
+    from .scan import resolve_backend
+
+    result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "patch": args.patch,
+              "in_channels": args.in_channels, "classes": args.classes, "batch": args.batch,
+              "train_batch": args.train_batch, "scan_backend": resolve_backend(True),
+              "date": time.strftime("%Y-%m-%d"), "command": "nnunetv2_mobilevim benchmark " + " ".join(sys.argv[2:]),
+              "rows": []}
+    for i, name in enumerate(args.networks):
+        print(f"[{i + 1}/{len(args.networks)}] {name} ...", file=sys.stderr, flush=True)
+        result["rows"].append(measure(name, args))
+    print(markdown(result))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        plot(result, args.out.with_suffix(".png"))
+        print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}", file=sys.stderr)
+    return 0

@@ -1,0 +1,11 @@
+"""Shim for nnU-Net's trainer lookup: export nnUNet_extTrainer=$(nnunetv2_mobilevim ext-path).
+
+nnU-Net imports every module of that folder by its bare name; the trainers themselves live in
+nnunetv2_mobilevim.nnunet.trainers, so their class paths (and checkpoints) never depend on this file.
+"""
+
+from nnunetv2_mobilevim.nnunet.trainers import (  # noqa: F401
+    nnUNetTrainerMobileViM,
+    nnUNetTrainerMobileViM_smoke,
+    nnUNetTrainerMobileViM_xs,
+)

@@ -1,0 +1,118 @@
+"""nnU-Net trainers that train MobileViM. They adapt the network to nnU-Net and hold no network code.
+
+    export nnUNet_extTrainer=$(nnunetv2_mobilevim ext-path)
+    nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerMobileViM       # MobileViM_s
+    nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerMobileViM_xs    # MobileViM_xs
+
+What they change relative to ``nnUNetTrainer``:
+- the network: MobileViM built from the plan (patch size, the first four per-axis pooling strides,
+  input channels, segmentation heads); 3D configurations only;
+- deep-supervision scales: taken from the network, so every output has a target of its size;
+- torch.compile: off unless ``nnUNet_compile`` is set to true explicitly (nnU-Net 2.8 compiles by
+  default on CUDA; the mamba-ssm kernels are opaque to the compiler, see docs/nnunet.md);
+- a truncated or corrupt checkpoint gives an error that says what to do.
+The training recipe is nnU-Net's default (SGD, Nesterov 0.99, lr 1e-2, poly decay, weight decay
+3e-5, 1000 epochs x 250 iterations, Dice + CE, fp16 AMP on CUDA): see docs/nnunet.md for why.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+from ..network import NUM_DOWNSAMPLINGS, MobileViM, deep_supervision_scales
+from ..scan import resolve_backend
+
+THREE_D_CONFIGURATIONS = ("3d_fullres", "3d_lowres", "3d_cascade_fullres")
+
+
+def strides_from_plan(configuration_manager: ConfigurationManager) -> List[List[int]]:
+    """The plan's first four pooling strides (after the stride-1 first stage), padded with 1s."""
+    pools = [list(map(int, p)) for p in configuration_manager.pool_op_kernel_sizes]
+    strides = pools[1:NUM_DOWNSAMPLINGS + 1]
+    return strides + [[1, 1, 1]] * (NUM_DOWNSAMPLINGS - len(strides))
+
+
+def require_3d(configuration_manager: ConfigurationManager, configuration: str = "") -> None:
+    """RuntimeError for 2D configurations, naming the ones that work."""
+    if len(configuration_manager.patch_size) != 3:
+        raise RuntimeError(
+            f"MobileViM is a 3D network and cannot train the 2D configuration {configuration or '2d'!r} "
+            f"(patch {list(configuration_manager.patch_size)}). Use one of {', '.join(THREE_D_CONFIGURATIONS)} "
+            f"(whichever your plans contain), e.g. nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerMobileViM.")
+
+
+class nnUNetTrainerMobileViM(nnUNetTrainer):
+    """MobileViM_s with nnU-Net's default training recipe."""
+
+    mobilevim_variant = "s"
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        require_3d(self.configuration_manager, configuration)
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> MobileViM:
+        require_3d(configuration_manager)
+        network = MobileViM(input_channels=num_input_channels, num_classes=num_output_channels,
+                            variant=cls.mobilevim_variant, strides=strides_from_plan(configuration_manager),
+                            deep_supervision=enable_deep_supervision)
+        network.check_input_size(configuration_manager.patch_size)
+        return network
+
+    def _get_deep_supervision_scales(self):
+        if not self.enable_deep_supervision:
+            return None
+        return deep_supervision_scales(strides_from_plan(self.configuration_manager))
+
+    def _do_i_compile(self) -> bool:
+        flag = os.environ.get("nnUNet_compile", "").lower()
+        return flag in ("true", "1", "t") and self.device.type == "cuda"
+
+    def on_train_start(self):
+        super().on_train_start()
+        backend = resolve_backend(self.device.type == "cuda")
+        self.print_to_log_file(
+            f"MobileViM_{self.mobilevim_variant}: strides {strides_from_plan(self.configuration_manager)}, "
+            f"selective scan backend: {backend}, torch.compile: {self._do_i_compile()}")
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        try:
+            super().load_checkpoint(filename_or_checkpoint)
+        except (RuntimeError, EOFError, OSError, KeyError, ValueError) as err:
+            if not isinstance(filename_or_checkpoint, str):
+                raise
+            raise RuntimeError(
+                f"could not load the checkpoint {filename_or_checkpoint}: {type(err).__name__}: {err}\n"
+                "The file is truncated, corrupt, or from a different network. Nothing was changed. To resume from "
+                "an earlier state, move this file away and run again with --c (nnU-Net then falls back to "
+                "checkpoint_latest.pth or checkpoint_best.pth); to start over, run without --c.") from err
+
+
+class nnUNetTrainerMobileViM_xs(nnUNetTrainerMobileViM):
+    """MobileViM_xs with nnU-Net's default training recipe."""
+
+    mobilevim_variant = "xs"
+
+
+class nnUNetTrainerMobileViM_smoke(nnUNetTrainerMobileViM):
+    """A first check (and the test suite's trainer): 2 epochs of 4 iterations, a checkpoint every epoch."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 4
+        self.num_val_iterations_per_epoch = 2
+        self.save_every = 1
+
+
+__all__ = ["nnUNetTrainerMobileViM", "nnUNetTrainerMobileViM_xs", "nnUNetTrainerMobileViM_smoke",
+           "strides_from_plan", "require_3d"]
