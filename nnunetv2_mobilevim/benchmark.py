@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also time inference replayed from a CUDA graph (MobileViM: BatchNorm folded too) and report "
                         "the largest logit difference to the plain fp32 forward")
+    p.add_argument("--predict-e2e", action="store_true",
+                   help="instead: time nnUNetv2_predict of one 256^3 volume (sliding window, mirroring) with "
+                        "nnUNetTrainerMobileViM_smoke vs nnU-Net's nnUNetTrainer_1epoch on the same plans (needs nnU-Net)")
     p.add_argument("--profile", action="store_true",
                    help="print where the fp16 forward of each MobileViM spends its GPU time (torch.profiler)")
 
@@ -217,10 +220,77 @@ def plot(result: Dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def predict_e2e(args: argparse.Namespace) -> Dict:
+    """Train both trainers for a moment on a synthetic 128^3 dataset (weights do not matter for timing),
+    then time nnUNetv2_predict of one 256^3 volume for each: the whole command (process start included)
+    and the predictor alone (nnUNetPredictor.predict_from_files after initialisation)."""
+    import os
+    import subprocess
+    import tempfile
+
+    from .nnunet.registration import ext_trainer_dir
+    from .synthetic import write_dataset
+
+    root = Path(tempfile.mkdtemp(prefix="mobilevim-predict-"))
+    env = {**os.environ, "nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
+           "nnUNet_results": str(root / "res"), "nnUNet_extTrainer": str(ext_trainer_dir()), "nnUNet_compile": "f"}
+    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
+                                           "nnUNet_extTrainer", "nnUNet_compile")})
+    write_dataset(root / "raw" / "Dataset777_Predict", cases=5, test_cases=1, shape=(128, 128, 128),
+                  num_classes=3, test_shape=(256, 256, 256))
+    py = [sys.executable, "-c"]
+    plan = "from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import plan_and_preprocess_entry as f; f()"
+    train = "from nnunetv2.run.run_training import run_training_entry as f; f()"
+    predict = "from nnunetv2.inference.predict_from_raw_data import predict_entry_point as f; f()"
+    subprocess.run(py + [plan, "-d", "777", "-c", "3d_fullres", "-np", "4"], env=env, check=True, capture_output=True)
+    trainers = ["nnUNetTrainer_1epoch", "nnUNetTrainerMobileViM_smoke"]
+    rows = []
+    for trainer in trainers:
+        print(f"[predict-e2e] training {trainer} briefly ...", file=sys.stderr, flush=True)
+        subprocess.run(py + [train, "777", "3d_fullres", "0", "-tr", trainer], env=env, check=True, capture_output=True)
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    images = root / "raw" / "Dataset777_Predict" / "imagesTs"
+    for trainer in trainers:
+        walls = []
+        for rep in range(2):
+            start = time.perf_counter()
+            subprocess.run(py + [predict, "-i", str(images), "-o", str(root / f"cli_{trainer}_{rep}"), "-d", "777",
+                                 "-c", "3d_fullres", "-tr", trainer, "-f", "0"], env=env, check=True,
+                           capture_output=True)
+            walls.append(time.perf_counter() - start)
+        predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=True, device=torch.device("cuda"))
+        model = root / "res" / "Dataset777_Predict" / f"{trainer}__nnUNetPlans__3d_fullres"
+        predictor.initialize_from_trained_model_folder(str(model), use_folds=(0,), checkpoint_name="checkpoint_final.pth")
+        inner = []
+        for rep in range(3):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            predictor.predict_from_files(str(images), str(root / f"api_{trainer}_{rep}"), save_probabilities=False,
+                                         overwrite=True, num_processes_preprocessing=2,
+                                         num_processes_segmentation_export=2)
+            torch.cuda.synchronize()
+            inner.append(time.perf_counter() - start)
+        rows.append({"trainer": trainer, "cli_seconds": min(walls), "predictor_seconds": min(inner),
+                     "patch": json.loads((model / "plans.json").read_text())["configurations"]["3d_fullres"]["patch_size"]})
+        print(f"[predict-e2e] {trainer}: nnUNetv2_predict {min(walls):.1f} s (whole command), "
+              f"predictor {min(inner):.1f} s", file=sys.stderr, flush=True)
+    base, ours = rows
+    return {"volume": [256, 256, 256], "rows": rows, "cli_ratio": ours["cli_seconds"] / base["cli_seconds"],
+            "predictor_ratio": ours["predictor_seconds"] / base["predictor_seconds"]}
+
+
 def run_benchmark(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("nnunetv2_mobilevim benchmark: error: needs a CUDA GPU (the goals are GPU speed goals)", file=sys.stderr)
         return 2
+    if args.predict_e2e:
+        result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, **predict_e2e(args)}
+        print(json.dumps(result, indent=2))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        return 0
     from .scan import resolve_backend
 
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "patch": args.patch,

@@ -59,16 +59,17 @@ def save_overlay(image: np.ndarray, pred: np.ndarray, ref: np.ndarray, path: Pat
 
     centre = [s // 2 for s in image.shape]
     views = [(np.s_[centre[0], :, :], "axis 0"), (np.s_[:, centre[1], :], "axis 1"), (np.s_[:, :, centre[2]], "axis 2")]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.6))
     for ax, (sl, name) in zip(axes, views):
-        ax.imshow(image[sl].T, cmap="gray", origin="lower")
-        ax.imshow(np.ma.masked_where(pred[sl].T == 0, pred[sl].T), cmap="autumn", alpha=0.35, origin="lower")
-        ax.contour(ref[sl].T, levels=[0.5], colors="cyan", linewidths=1)
-        ax.set_title(f"mid-slice, {name}")
+        ax.imshow(image[sl].T, cmap="gray", origin="lower", interpolation="nearest")
+        ax.imshow(np.ma.masked_where(pred[sl].T == 0, pred[sl].T), cmap="autumn", alpha=0.35, origin="lower",
+                  interpolation="nearest")
+        ax.contour(ref[sl].T, levels=[0.5], colors="cyan", linewidths=1.2)
+        ax.set_title(f"mid-slice, {name}", fontsize=10)
         ax.axis("off")
-    fig.suptitle(title + "\norange: MobileViM prediction, cyan: reference mask")
+    fig.suptitle(title + "\norange: MobileViM prediction, cyan outline: reference mask", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -64,6 +64,9 @@ class MobileViM(nn.Module):
         variant: ``"s"``, ``"xs"``, a path to a JSON config, or a :class:`MobileViMConfig`.
         strides: four per-axis strides (stem and three downsamplings); default 2 on every axis.
         deep_supervision: return [full-res logits, then lower-resolution logits] for nnU-Net's loss.
+        fast_inference: in eval mode on CUDA without gradients, run a BatchNorm-folded copy replayed
+            from a CUDA graph (same logits, see ``fast_inference.py``). Off by default; the trainers
+            turn it on for the networks nnU-Net's predictor builds.
         **overrides: any :class:`MobileViMConfig` field, e.g. ``dual_direction=False`` (ablation).
 
     Forward: (B, input_channels, D, H, W) -> (B, num_classes, D, H, W), or a list of logits with deep
@@ -73,7 +76,7 @@ class MobileViM(nn.Module):
     def __init__(self, *, input_channels: int, num_classes: int,
                  variant: Union[str, Path, MobileViMConfig] = "s",
                  strides: Optional[Sequence[Union[int, Sequence[int]]]] = None,
-                 deep_supervision: bool = False, **overrides) -> None:
+                 deep_supervision: bool = False, fast_inference: bool = False, **overrides) -> None:
         super().__init__()
         config = load_config(variant)
         if overrides:
@@ -93,6 +96,31 @@ class MobileViM(nn.Module):
         self.decoder = MobileViMDecoder(config.stage_channels, self.strides[1:], self.num_classes,
                                         config.bottleneck_expand, config.uplink_expand, config.norm,
                                         scale_bridger=config.scale_bridger, deep_supervision=deep_supervision)
+        self.fast_inference = fast_inference
+        self._fast = None  # (folded copy, CUDAGraphRunner), built on first use; not part of the state dict
+        self._fast_stale = True
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_fast_stale", True))
+
+    def train(self, mode: bool = True):
+        self._fast_stale = True  # weights may change while training
+        return super().train(mode)
+
+    def _fast_forward(self, x: Tensor) -> Tensor:
+        from .fast_inference import CUDAGraphRunner, fold_batchnorm
+
+        if self._fast is None or self._fast_stale:
+            previous, self._fast = self._fast, None  # keep the graphs out of the copy
+            try:
+                folded = fold_batchnorm(self)
+            finally:
+                self._fast = previous
+            folded.fast_inference = False
+            if self._fast is None:
+                self._fast = (folded, CUDAGraphRunner(folded))
+            else:  # copy into the captured copy's own tensors, so its CUDA graphs stay valid
+                self._fast[0].load_state_dict(folded.state_dict())
+            self._fast_stale = False
+        return self._fast[1](x)
 
     @property
     def total_stride(self) -> Stride:
@@ -117,6 +145,9 @@ class MobileViM(nn.Module):
                 f"each axis must be at least the total stride {list(need)} (ideally a multiple of it)")
 
     def forward(self, x: Tensor):
+        if (self.fast_inference and x.is_cuda and not self.training and not torch.is_grad_enabled()
+                and not self.decoder.deep_supervision and x.dim() == 5 and x.shape[1] == self.input_channels):
+            return self._fast_forward(x)
         if x.dim() != 5:
             raise ValueError(f"expected a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}")
         if x.shape[1] != self.input_channels:

@@ -74,8 +74,9 @@ def make_case(shape: Sequence[int], num_classes: int, rng: np.random.Generator) 
 
 def write_dataset(out: Path, cases: int = 10, test_cases: int = 2, shape: Sequence[int] = (48, 48, 48),
                   num_classes: int = 4, spacing: Sequence[float] = (1.0, 1.0, 1.0), seed: int = 0,
-                  channels: int = 1) -> Path:
-    """Write imagesTr/labelsTr/imagesTs/labelsTs and dataset.json (NIfTI) into ``out``."""
+                  channels: int = 1, test_shape: Sequence[int] = None) -> Path:
+    """Write imagesTr/labelsTr/imagesTs/labelsTs and dataset.json (NIfTI) into ``out``; test cases have
+    ``test_shape`` (default: ``shape``)."""
     import SimpleITK as sitk
 
     rng = np.random.default_rng(seed)
@@ -89,7 +90,7 @@ def write_dataset(out: Path, cases: int = 10, test_cases: int = 2, shape: Sequen
 
     for i in range(cases + test_cases):
         split = "Tr" if i < cases else "Ts"
-        image, label = make_case(shape, num_classes, rng)
+        image, label = make_case(shape if split == "Tr" else (test_shape or shape), num_classes, rng)
         name = f"case_{i:03d}"
         for c in range(channels):
             channel = image if c == 0 else image * (1 + 0.5 * c) + rng.normal(0, 0.2, image.shape).astype(np.float32)

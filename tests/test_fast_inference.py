@@ -26,3 +26,14 @@ def test_folded_network_gives_the_same_logits():
     assert remaining == 0 and total > 50
     assert (out - ref).abs().max() / ref.abs().max() < 1e-4
     assert sum(isinstance(m, nn.BatchNorm3d) for m in net.modules()) == total  # the original is untouched
+
+
+def test_fast_inference_flag_is_inert_on_the_cpu():
+    torch.manual_seed(0)
+    net = MobileViM(input_channels=1, num_classes=2, variant="xs", fast_inference=True).eval()
+    plain = MobileViM(input_channels=1, num_classes=2, variant="xs").eval()
+    plain.load_state_dict(net.state_dict())
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), plain(x))
+    assert net._fast is None

@@ -4,7 +4,8 @@ Inputs: encoder features f_0..f_3 of stages 1-4, f_i: (B, C_i, *S_i), S_{i+1} = 
     1. o_i = Bottleneck(f_i) on every stage                (the "Bottleneck" boxes of Fig. 1)
     2. ScaleBridger across o_0..o_3                        (Eq. 9)
     3. Top-down path from d_3 = o_3: d_i = ReLU(o_i + ConvPair(concat(UpLink(d_{i+1}), o_i)))
-    4. Multi-scale fusion: d_0..d_3 resized to S_0, concatenated, 1x1 conv to classes
+    4. Multi-scale fusion: d_0..d_3 resized to S_0, concatenated, 1x1 conv to classes (computed per
+       scale before resizing, which is the same map: see ``fuse_scales``)
 Output logits at S_0; the network upsamples them to the input size.
 Deep supervision (ours, for nnU-Net): 1x1 heads on d_0, d_1, d_2, highest resolution first.
 """
@@ -43,6 +44,20 @@ class MobileViMDecoder(nn.Module):
         self.classifier = nn.Conv3d(sum(channels), num_classes, 1, bias=True)
         self.ds_heads = nn.ModuleList([nn.Conv3d(c, num_classes, 1, bias=True) for c in channels[:-1]])
 
+    def fuse_scales(self, decoded: List[Tensor]) -> Tensor:
+        """classifier(concat(d_0, up(d_1), up(d_2), up(d_3))), computed as sum_i up(W_i d_i) + b.
+
+        A 1x1 convolution commutes with trilinear interpolation (a convex combination of voxels), so
+        applying each block W_i of the classifier's weight at its own resolution and upsampling only
+        the class maps gives the same logits while interpolating `classes` instead of C_i channels.
+        """
+        size = decoded[0].shape[2:]
+        weights = self.classifier.weight.split([t.shape[1] for t in decoded], dim=1)
+        logits = F.conv3d(decoded[0], weights[0], self.classifier.bias)
+        for w, t in zip(weights[1:], decoded[1:]):
+            logits = logits + F.interpolate(F.conv3d(t, w), size=size, mode="trilinear", align_corners=False)
+        return logits
+
     def forward(self, features: List[Tensor]):
         branches = [b(f) for b, f in zip(self.bottlenecks, features)]
         if self.scale_bridger is not None:
@@ -51,10 +66,7 @@ class MobileViMDecoder(nn.Module):
         for i in reversed(range(len(branches) - 1)):
             up = self.up_links[i](decoded[i + 1])
             decoded[i] = F.relu(branches[i] + self.cat_fusions[i](torch.cat([up, branches[i]], dim=1)))
-        size = decoded[0].shape[2:]
-        scales = [decoded[0]] + [F.interpolate(t, size=size, mode="trilinear", align_corners=False)
-                                 for t in decoded[1:]]
-        logits = self.classifier(torch.cat(scales, dim=1))
+        logits = self.fuse_scales(decoded)
         if not self.deep_supervision:
             return logits
         return logits, [head(t) for head, t in zip(self.ds_heads, decoded[:-1])]

@@ -34,8 +34,9 @@ class DiminMamba(nn.Module):
     Without Dimin (ablation): tokens are P^3 voxel cubes, one sequence of D*H*W/P^3 tokens.
 
     AMP safety (ours): the stack ends with an RMSNorm (Mamba's ``norm_f``), so the three factors of
-    the product stay O(1) however the residual stream grows, and the whole profile path runs in
-    float32 (autocast off: a few hundred tokens, negligible cost). Without both, the product of three
+    the product stay O(1) however the residual stream grows, and the profile path (means, Mamba
+    layers, the D x H plane) runs in float32 with autocast off (a few hundred tokens, negligible
+    cost); only the final broadcast to the volume is in the input's dtype. Without both, the product of three
     unnormalised profiles overflows float16 after a few hundred AMP training steps (seen on an H100).
     """
 
@@ -52,12 +53,15 @@ class DiminMamba(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            out = self._forward_volume(x.float()) if not self.dimension_independent else self._forward_dimin(x.float())
-        return out.to(x.dtype)
+            if not self.dimension_independent:
+                return self._forward_volume(x.float()).to(x.dtype)
+            return self._forward_dimin(x)
 
     def _forward_dimin(self, x: Tensor) -> Tensor:
         p = self.token_size
-        profiles = [x.mean(dim=(3, 4)), x.mean(dim=(2, 4)), x.mean(dim=(2, 3))]  # (B, C, D), (B, C, H), (B, C, W)
+        # float32 means straight from x (no float32 copy of the volume)
+        profiles = [x.mean(dim=(3, 4), dtype=torch.float32), x.mean(dim=(2, 4), dtype=torch.float32),
+                    x.mean(dim=(2, 3), dtype=torch.float32)]  # (B, C, D), (B, C, H), (B, C, W)
         lengths = [pr.shape[-1] for pr in profiles]
         tokens = [rearrange(_pad_to_multiple(pr, p, 1), "b c (n p) -> b n (c p)", p=p) for pr in profiles]
         if len({t.shape[1] for t in tokens}) == 1:  # equal lengths: one pass with the profiles on the batch axis
@@ -65,7 +69,9 @@ class DiminMamba(nn.Module):
         else:
             outs = [self.layers(t) for t in tokens]
         pd, ph, pw = [rearrange(o, "b n (c p) -> b c (n p)", p=p)[..., :n] for o, n in zip(outs, lengths)]
-        return pd[:, :, :, None, None] * ph[:, :, None, :, None] * pw[:, :, None, None, :]
+        # the (B, C, D, H) plane in float32, the volume directly in x's dtype (factors are RMS-normalised)
+        plane = (pd[:, :, :, None] * ph[:, :, None, :]).to(x.dtype)
+        return plane[..., None] * pw.to(x.dtype)[:, :, None, None, :]
 
     def _forward_volume(self, x: Tensor) -> Tensor:
         p = self.token_size

@@ -1,0 +1,125 @@
+"""Train nnU-Net's default trainer and the MobileViM trainers on the same plans and schedule, then
+predict held-out cases and report per-class Dice, epoch time and peak GPU memory.
+
+    python -m nnunetv2_mobilevim.compare --dataset demo   --epochs 10 --iterations 50 --out results/demo.json
+    python -m nnunetv2_mobilevim.compare --dataset shapes --epochs 10 --iterations 50 --out results/shapes.json
+
+``demo``: the embedded brain-extraction set (3 training volumes, held-out real person).
+``shapes``: ``synthetic.py``'s multi-class set (ellipsoids, rare small spheres, thin tubes, shells).
+Every trainer trains fold ``all`` with the same number of epochs and iterations, torch.compile off
+for all (a like-for-like epoch time); prediction uses nnU-Net's CLI (mirroring on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+TRAINERS = ["nnUNetTrainer", "nnUNetTrainerMobileViM", "nnUNetTrainerMobileViM_xs"]
+SHAPES_ID, SHAPES = 502, "Dataset502_Shapes"
+
+
+def dice_per_class(pred_dir: Path, ref_dir: Path, labels: Dict[str, int]) -> Dict[str, float]:
+    import nibabel as nib
+
+    scores: Dict[str, List[float]] = {name: [] for name, v in labels.items() if v != 0}
+    for ref_file in sorted(ref_dir.glob("*.nii.gz")):
+        ref = np.asanyarray(nib.load(str(ref_file)).dataobj)
+        pred = np.asanyarray(nib.load(str(pred_dir / ref_file.name)).dataobj)
+        for name, value in labels.items():
+            if value == 0:
+                continue
+            r, p = ref == value, pred == value
+            total = r.sum() + p.sum()
+            scores[name].append(float(2 * np.logical_and(r, p).sum() / total) if total else float("nan"))
+    return {name: float(np.nanmean(v)) for name, v in scores.items()}
+
+
+def train_one(trainer_class: type, dataset: str, epochs: int, iterations: int) -> Dict:
+    import torch
+
+    trainer_name = trainer_class.__name__
+    pre = Path(os.environ["nnUNet_preprocessed"]) / dataset
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False  # nnU-Net 2.8.1's run_training sets this before building a trainer
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    trainer = trainer_class(plans, "3d_fullres", "all", dataset_json, torch.device("cuda"))
+    trainer.num_epochs, trainer.num_iterations_per_epoch = epochs, iterations
+    trainer.num_val_iterations_per_epoch = max(2, iterations // 5)
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.run_training()
+    logger = getattr(trainer.logger, "local_logger", trainer.logger)  # 2.8: MetaLogger wraps the local logger
+    log = logger.my_fantastic_logging
+    epoch_times = [e - s for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])]
+    return {"trainer": trainer_name, "train_seconds": time.perf_counter() - start,
+            "epoch_seconds_median": float(np.median(epoch_times[1:] or epoch_times)),
+            "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2 ** 30,
+            "final_train_loss": float(log["train_losses"][-1]),
+            "any_nan_loss": bool(any(not np.isfinite(x) for x in log["train_losses"])),
+            "params": sum(p.numel() for p in trainer.network.parameters())}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=["demo", "shapes"], required=True)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--trainers", nargs="+", default=TRAINERS)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    from .demo import DATASET as DEMO, DATASET_ID as DEMO_ID, write_raw_dataset
+    from .nnunet.registration import ext_trainer_dir
+    from .synthetic import write_dataset
+
+    root = (args.workdir or Path(tempfile.mkdtemp(prefix="mobilevim-compare-"))).resolve()
+    os.environ.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
+                      nnUNet_results=str(root / "res"), nnUNet_extTrainer=str(ext_trainer_dir()), nnUNet_compile="f")
+    if args.dataset == "demo":
+        dataset, dataset_id = DEMO, DEMO_ID
+        raw = write_raw_dataset(root / "raw")
+    else:
+        dataset, dataset_id = SHAPES, SHAPES_ID
+        raw = write_dataset(root / "raw" / SHAPES, cases=20, test_cases=6, shape=(96, 96, 96), num_classes=4, seed=1)
+    subprocess.run([sys.executable, "-m", "nnunetv2.experiment_planning.plan_and_preprocess_entrypoints", "-d",
+                    str(dataset_id), "-c", "3d_fullres", "-np", "8"], check=True, capture_output=True)
+    labels = json.loads((raw / "dataset.json").read_text())["labels"]
+    plans = json.loads((root / "pre" / dataset / "nnUNetPlans.json").read_text())["configurations"]["3d_fullres"]
+    result = {"dataset": args.dataset, "epochs": args.epochs, "iterations_per_epoch": args.iterations,
+              "patch": plans["patch_size"], "batch": plans["batch_size"], "rows": []}
+    predict = "from nnunetv2.inference.predict_from_raw_data import predict_entry_point as f; f()"
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    # look every trainer up before any training: nnU-Net's lookup iterates sys.modules, which races
+    # with the data-loader threads a finished training may leave behind
+    classes = {name: recursive_find_trainer_class_by_name(name) for name in args.trainers}
+    for name in args.trainers:
+        print(f"[compare] {args.dataset}: training {name} ({args.epochs} x {args.iterations})", flush=True)
+        row = train_one(classes[name], dataset, args.epochs, args.iterations)
+        out = root / f"pred_{name}"
+        subprocess.run([sys.executable, "-c", predict, "-i", str(raw / "imagesTs"), "-o", str(out), "-d",
+                        str(dataset_id), "-c", "3d_fullres", "-tr", name, "-f", "all", "-chk", "checkpoint_final.pth"],
+                       check=True, capture_output=True)
+        row["dice"] = dice_per_class(out, raw / "labelsTs", labels)
+        row["dice_mean"] = float(np.mean(list(row["dice"].values())))
+        result["rows"].append(row)
+        print(f"[compare] {name}: Dice {row['dice']} mean {row['dice_mean']:.4f}, epoch {row['epoch_seconds_median']:.1f} s, "
+              f"peak {row['peak_gpu_gb']:.2f} GB", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
