@@ -15,7 +15,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import torch
 from torch import nn
@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also time inference replayed from a CUDA graph (MobileViM: BatchNorm folded too) and report "
                         "the largest logit difference to the plain fp32 forward")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the training step of torch.compile(network) (MobileViM's Mamba path stays eager)")
     p.add_argument("--predict-e2e", action="store_true",
                    help="instead: time nnUNetv2_predict of one 256^3 volume (sliding window, mirroring) with "
                         "nnUNetTrainerMobileViM_smoke vs nnU-Net's nnUNetTrainer_1epoch on the same plans (needs nnU-Net)")
@@ -124,7 +126,6 @@ def measure(name: str, args: argparse.Namespace) -> Dict:
             with torch.autocast("cuda", dtype=torch.float16):
                 runner(x)
         row["fps_fp16_graph"] = 1000.0 * args.batch / _time_cuda(graphed, args.iterations, args.warmup)
-        del runner, fast
     if args.profile and name.startswith("mobilevim"):
         row["profile"] = profile_forward(net, x)
     if not args.no_train:
@@ -145,8 +146,13 @@ def measure(name: str, args: argparse.Namespace) -> Dict:
         torch.cuda.reset_peak_memory_stats()
         row["train_step_ms"] = _time_cuda(step, max(5, args.iterations // 2), args.warmup)
         row["train_peak_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    del net
-    torch.cuda.empty_cache()
+        if args.compile:
+            eager, compiled = net, torch.compile(net)
+            start = time.perf_counter()
+            net = compiled  # step() reads `net` from this scope
+            row["train_step_ms_compiled"] = _time_cuda(step, max(5, args.iterations // 2), args.warmup)
+            row["compile_and_time_seconds"] = time.perf_counter() - start
+            net = eager
     return row
 
 
@@ -301,6 +307,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     for i, name in enumerate(args.networks):
         print(f"[{i + 1}/{len(args.networks)}] {name} ...", file=sys.stderr, flush=True)
         result["rows"].append(measure(name, args))
+        torch.cuda.empty_cache()  # the measured network is gone once measure() returns
     print(markdown(result))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -146,7 +146,8 @@ class MobileViM(nn.Module):
 
     def forward(self, x: Tensor):
         if (self.fast_inference and x.is_cuda and not self.training and not torch.is_grad_enabled()
-                and not self.decoder.deep_supervision and x.dim() == 5 and x.shape[1] == self.input_channels):
+                and not self.decoder.deep_supervision and x.dim() == 5 and x.shape[1] == self.input_channels
+                and not torch.compiler.is_compiling()):  # under torch.compile the compiler owns the graph
             return self._fast_forward(x)
         if x.dim() != 5:
             raise ValueError(f"expected a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}")

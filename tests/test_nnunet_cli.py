@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -80,7 +79,7 @@ def test_train_stop_and_continue_fold0(workspace):
     assert (fold / "checkpoint_latest.pth").is_file(), "".join(seen[-40:])
     assert not (fold / "checkpoint_final.pth").exists()
 
-    res = run(["nnUNetv2_train", DATASET_ID, "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu", "--c"], env)
+    run(["nnUNetv2_train", DATASET_ID, "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu", "--c"], env)
     logs = sorted(fold.glob("training_log_*.txt"))
     resumed = logs[-1].read_text()
     assert "Epoch 1" in resumed and "Epoch 0\n" not in resumed, resumed  # continued, did not restart

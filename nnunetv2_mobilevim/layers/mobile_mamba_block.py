@@ -51,6 +51,9 @@ class DiminMamba(nn.Module):
                                dual_direction=dual_direction) for _ in range(num_layers)],
             nn.RMSNorm(token_dim, eps=1e-5))
 
+    # The mamba-ssm kernels are opaque to torch.compile; keep the (tiny) profile path eager so the
+    # compiler can fuse the convolutional rest of the network around it.
+    @torch.compiler.disable
     def forward(self, x: Tensor) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
             if not self.dimension_independent:
