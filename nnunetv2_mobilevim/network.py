@@ -108,6 +108,8 @@ class MobileViM(nn.Module):
     def _fast_forward(self, x: Tensor) -> Tensor:
         from .fast_inference import CUDAGraphRunner, fold_batchnorm
 
+        if self._fast is not None and next(self._fast[0].parameters()).device != x.device:
+            self._fast = None  # the network moved to another device since the graphs were captured
         if self._fast is None or self._fast_stale:
             previous, self._fast = self._fast, None  # keep the graphs out of the copy
             try:
