@@ -209,3 +209,24 @@ def test_truncated_checkpoint_is_reported_and_nothing_is_lost(workspace):
         assert "cannot be read" in check.stdout and str(final) in check.stdout
     finally:
         final.write_bytes(data)
+
+
+def test_adamw_recipe_trainer_initialises(workspace):
+    """The recipe variant builds through nnU-Net's own initialize(): AdamW, cosine from 1e-3."""
+    for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
+        os.environ.setdefault(var, str(workspace / sub))  # before nnunetv2.paths is first imported
+    os.environ["nnUNet_extTrainer"] = str(ext_trainer_dir())
+    import torch
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    cls = recursive_find_trainer_class_by_name("nnUNetTrainerMobileViM_AdamW")
+    plans = json.loads((workspace / "preprocessed" / DATASET / "nnUNetPlans.json").read_text())
+    dataset_json = json.loads((workspace / "preprocessed" / DATASET / "dataset.json").read_text())
+    plans["continue_training"] = False
+    trainer = cls(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+    trainer.initialize()
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    trainer.lr_scheduler.step(0)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    trainer.lr_scheduler.step(trainer.num_epochs)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)
