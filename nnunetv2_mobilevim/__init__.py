@@ -1,10 +1,27 @@
-"""MobileViM_s and MobileViM_xs (Dai, Wang, Liu 2025) as a plugin for stock nnU-Net v2."""
+"""MobileViM_s and MobileViM_xs (Dai, Wang, Liu 2025) as a plugin for stock nnU-Net v2.
 
-from .config import MobileViMConfig, load_config
-from .layers import DiminMamba, DualDirectionMamba, MobileMambaBlock, ScaleBridger
-from .network import MobileViM, count_parameters
+The public names load on first use (PEP 562), so ``nnunetv2_mobilevim ext-path`` (often run from a
+shell profile) answers without importing torch.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["MobileViM", "MobileViMConfig", "load_config", "DualDirectionMamba", "DiminMamba",
-           "MobileMambaBlock", "ScaleBridger", "count_parameters", "__version__"]
+_EXPORTS = {
+    "MobileViM": "network", "count_parameters": "network",
+    "MobileViMConfig": "config", "load_config": "config",
+    "DualDirectionMamba": "layers", "DiminMamba": "layers", "MobileMambaBlock": "layers", "ScaleBridger": "layers",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -15,10 +15,11 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict
+from typing import TYPE_CHECKING, Callable, Dict
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported inside the functions: building the CLI parser must stay light
+    import torch
+    from torch import nn
 
 NETWORKS = ("mobilevim_s", "mobilevim_xs", "plainconvunet", "resenc_m")
 
@@ -52,6 +53,7 @@ def _nnunet_unet(kind: str, in_channels: int, classes: int, patch) -> nn.Module:
     PlainConvUNet with 2 convs per stage (default 3d_fullres), ResidualEncoderUNet with the ResEnc-M
     blocks per stage (1, 3, 4, 6, 6, 6) and 1 decoder conv."""
     from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+    from torch import nn
 
     n_stages, strides, patch = 1, [[1, 1, 1]], list(patch)
     size = list(patch)
@@ -80,6 +82,8 @@ def build(name: str, in_channels: int, classes: int, patch) -> nn.Module:
 
 def _time_cuda(fn: Callable[[], None], iterations: int, warmup: int) -> float:
     """Median milliseconds of ``fn`` measured with CUDA events."""
+    import torch
+
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -95,6 +99,9 @@ def _time_cuda(fn: Callable[[], None], iterations: int, warmup: int) -> float:
 
 
 def measure(name: str, args: argparse.Namespace) -> Dict:
+    import torch
+    from torch import nn
+
     from .summary import count_macs
 
     dev = torch.device("cuda")
@@ -158,6 +165,7 @@ def measure(name: str, args: argparse.Namespace) -> Dict:
 
 def profile_forward(net: nn.Module, x: torch.Tensor, steps: int = 5) -> Dict:
     """GPU kernel time per forward (fp16 autocast), kernel launches per forward, top kernels."""
+    import torch
     from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
@@ -234,6 +242,8 @@ def predict_e2e(args: argparse.Namespace) -> Dict:
     import subprocess
     import tempfile
 
+    import torch
+
     from .nnunet.registration import ext_trainer_dir
     from .synthetic import write_dataset
 
@@ -287,6 +297,8 @@ def predict_e2e(args: argparse.Namespace) -> Dict:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
+    import torch
+
     if not torch.cuda.is_available():
         print("nnunetv2_mobilevim benchmark: error: needs a CUDA GPU (the goals are GPU speed goals)", file=sys.stderr)
         return 2
