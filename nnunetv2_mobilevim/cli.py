@@ -71,7 +71,9 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nnunetv2_mobilevim", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="nnunetv2_mobilevim",
+        description="MobileViM_s / MobileViM_xs for stock nnU-Net v2: describe, check, register, demo, benchmark.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

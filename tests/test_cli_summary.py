@@ -1,6 +1,7 @@
 """`nnunetv2_mobilevim summary`, run as a user would: a real subprocess."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -41,3 +42,14 @@ def test_bad_arguments_give_a_message_not_a_traceback(args, expected):
     assert res.returncode == 2
     assert expected in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_ext_path_is_the_shim_folder_and_needs_no_torch():
+    """`export nnUNet_extTrainer=$(nnunetv2_mobilevim ext-path)` sits in shell profiles: it must be instant."""
+    res = run("ext-path")
+    assert res.returncode == 0
+    folder = res.stdout.strip()
+    assert folder.endswith("ext_trainers") and (Path(folder) / "nnunetv2_mobilevim_trainers.py").is_file()
+    probe = subprocess.run([sys.executable, "-c", "import sys, nnunetv2_mobilevim.cli; print('torch' in sys.modules)"],
+                           capture_output=True, text=True)
+    assert probe.stdout.strip() == "False"
