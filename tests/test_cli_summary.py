@@ -1,9 +1,9 @@
-"""`nnunetv2_mobilevim summary`, run as a user would: a real subprocess."""
+"""`nnunetv2_mobilevim summary` and `ext-path`, run as a user would: real subprocesses."""
 
 import json
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
