@@ -239,11 +239,11 @@ def predict_e2e(args: argparse.Namespace) -> Dict:
     then time nnUNetv2_predict of one 256^3 volume for each: the whole command (process start included)
     and the predictor alone (nnUNetPredictor.predict_from_files after initialisation)."""
     import os
-    import subprocess
     import tempfile
 
     import torch
 
+    from .nnunet import run as nnunet_run
     from .nnunet.registration import ext_trainer_dir
     from .synthetic import write_dataset
 
@@ -254,16 +254,12 @@ def predict_e2e(args: argparse.Namespace) -> Dict:
                                            "nnUNet_extTrainer", "nnUNet_compile")})
     write_dataset(root / "raw" / "Dataset777_Predict", cases=5, test_cases=1, shape=(128, 128, 128),
                   num_classes=3, test_shape=(256, 256, 256))
-    py = [sys.executable, "-c"]
-    plan = "from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import plan_and_preprocess_entry as f; f()"
-    train = "from nnunetv2.run.run_training import run_training_entry as f; f()"
-    predict = "from nnunetv2.inference.predict_from_raw_data import predict_entry_point as f; f()"
-    subprocess.run(py + [plan, "-d", "777", "-c", "3d_fullres", "-np", "4"], env=env, check=True, capture_output=True)
+    nnunet_run.plan_and_preprocess(["-d", 777, "-c", "3d_fullres", "-np", 4], env)
     trainers = ["nnUNetTrainer_1epoch", "nnUNetTrainerMobileViM_smoke"]
     rows = []
     for trainer in trainers:
         print(f"[predict-e2e] training {trainer} briefly ...", file=sys.stderr, flush=True)
-        subprocess.run(py + [train, "777", "3d_fullres", "0", "-tr", trainer], env=env, check=True, capture_output=True)
+        nnunet_run.train([777, "3d_fullres", 0, "-tr", trainer], env)
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     images = root / "raw" / "Dataset777_Predict" / "imagesTs"
@@ -271,9 +267,8 @@ def predict_e2e(args: argparse.Namespace) -> Dict:
         walls = []
         for rep in range(2):
             start = time.perf_counter()
-            subprocess.run(py + [predict, "-i", str(images), "-o", str(root / f"cli_{trainer}_{rep}"), "-d", "777",
-                                 "-c", "3d_fullres", "-tr", trainer, "-f", "0"], env=env, check=True,
-                           capture_output=True)
+            nnunet_run.predict(["-i", images, "-o", root / f"cli_{trainer}_{rep}", "-d", 777, "-c", "3d_fullres",
+                                "-tr", trainer, "-f", 0], env)
             walls.append(time.perf_counter() - start)
         predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=True, device=torch.device("cuda"))
         model = root / "res" / "Dataset777_Predict" / f"{trainer}__nnUNetPlans__3d_fullres"

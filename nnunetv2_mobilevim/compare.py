@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
+
+from .nnunet import run as nnunet_run
 
 TRAINERS = ["nnUNetTrainer", "nnUNetTrainerMobileViM", "nnUNetTrainerMobileViM_xs"]
 SHAPES_ID, SHAPES = 502, "Dataset502_Shapes"
@@ -48,13 +49,7 @@ def train_one(trainer_class: type, dataset: str, epochs: int, iterations: int) -
     import torch
 
     trainer_name = trainer_class.__name__
-    pre = Path(os.environ["nnUNet_preprocessed"]) / dataset
-    plans = json.loads((pre / "nnUNetPlans.json").read_text())
-    plans["continue_training"] = False  # nnU-Net 2.8.1's run_training sets this before building a trainer
-    dataset_json = json.loads((pre / "dataset.json").read_text())
-    trainer = trainer_class(plans, "3d_fullres", "all", dataset_json, torch.device("cuda"))
-    trainer.num_epochs, trainer.num_iterations_per_epoch = epochs, iterations
-    trainer.num_val_iterations_per_epoch = max(2, iterations // 5)
+    trainer = nnunet_run.short_trainer(trainer_class, dataset, epochs, iterations, torch.device("cuda"))
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     trainer.run_training()
@@ -92,13 +87,11 @@ def main() -> int:
     else:
         dataset, dataset_id = SHAPES, SHAPES_ID
         raw = write_dataset(root / "raw" / SHAPES, cases=20, test_cases=6, shape=(96, 96, 96), num_classes=4, seed=1)
-    subprocess.run([sys.executable, "-m", "nnunetv2.experiment_planning.plan_and_preprocess_entrypoints", "-d",
-                    str(dataset_id), "-c", "3d_fullres", "-np", "8"], check=True, capture_output=True)
+    nnunet_run.plan_and_preprocess(["-d", dataset_id, "-c", "3d_fullres", "-np", "8"])
     labels = json.loads((raw / "dataset.json").read_text())["labels"]
     plans = json.loads((root / "pre" / dataset / "nnUNetPlans.json").read_text())["configurations"]["3d_fullres"]
     result = {"dataset": args.dataset, "epochs": args.epochs, "iterations_per_epoch": args.iterations,
               "patch": plans["patch_size"], "batch": plans["batch_size"], "rows": []}
-    predict = "from nnunetv2.inference.predict_from_raw_data import predict_entry_point as f; f()"
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
     # look every trainer up before any training: nnU-Net's lookup iterates sys.modules, which races
@@ -108,9 +101,8 @@ def main() -> int:
         print(f"[compare] {args.dataset}: training {name} ({args.epochs} x {args.iterations})", flush=True)
         row = train_one(classes[name], dataset, args.epochs, args.iterations)
         out = root / f"pred_{name}"
-        subprocess.run([sys.executable, "-c", predict, "-i", str(raw / "imagesTs"), "-o", str(out), "-d",
-                        str(dataset_id), "-c", "3d_fullres", "-tr", name, "-f", "all", "-chk", "checkpoint_final.pth"],
-                       check=True, capture_output=True)
+        nnunet_run.predict(["-i", raw / "imagesTs", "-o", out, "-d", dataset_id, "-c", "3d_fullres", "-tr", name,
+                            "-f", "all", "-chk", "checkpoint_final.pth"])
         row["dice"] = dice_per_class(out, raw / "labelsTs", labels)
         row["dice_mean"] = float(np.mean(list(row["dice"].values())))
         result["rows"].append(row)

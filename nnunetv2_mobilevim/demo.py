@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from .nnunet import run as nnunet_run
 
 DATASET_ID, DATASET = 990, "Dataset990_MobileViMDemo"
 DATA = Path(__file__).resolve().parent / "demo_data"
@@ -99,42 +100,29 @@ def run_demo(workdir: Optional[str] = None, epochs: Optional[int] = None, iterat
     raw = write_raw_dataset(root / "raw")
     _step(f"dataset: {len(list((raw / 'imagesTr').iterdir()))} training volumes, held-out person 'itkperson' "
           f"(provenance: {DATA / 'PROVENANCE.md'})", t0)
-    # nnUNetv2_plan_and_preprocess, run through its module so no PATH lookup is needed
-    plan = subprocess.run([sys.executable, "-m", "nnunetv2.experiment_planning.plan_and_preprocess_entrypoints",
-                           "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1", "-npfp", "1"],
-                          capture_output=True, text=True,
-                          env={**os.environ, "nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1"})
+    plan = nnunet_run.plan_and_preprocess(["-d", DATASET_ID, "-c", "3d_fullres", "-np", "1", "-npfp", "1"],
+                                          env={**os.environ, "nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1"},
+                                          check=False)
     if plan.returncode != 0:
         print(plan.stdout[-2000:], plan.stderr[-2000:], file=sys.stderr)
         return 1
-    plans = json.loads((root / "preprocessed" / DATASET / "nnUNetPlans.json").read_text())
-    cfg = plans["configurations"]["3d_fullres"]
+    cfg = json.loads((root / "preprocessed" / DATASET / "nnUNetPlans.json").read_text())["configurations"]["3d_fullres"]
     _step(f"nnUNetv2_plan_and_preprocess done: patch {cfg['patch_size']}, batch {cfg['batch_size']}, "
           f"spacing {cfg['spacing']}", t0)
 
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    trainer_cls = recursive_find_trainer_class_by_name(trainer)
-    dataset_json = json.loads((root / "preprocessed" / DATASET / "dataset.json").read_text())
-    plans["continue_training"] = False  # nnU-Net 2.8.1's run_training sets this before building a trainer
-    net_trainer = trainer_cls(plans, "3d_fullres", "all", dataset_json,
-                              torch.device("cuda" if use_cuda else "cpu"))
-    net_trainer.num_epochs = epochs
-    net_trainer.num_iterations_per_epoch = iterations
-    net_trainer.num_val_iterations_per_epoch = max(2, iterations // 5)
+    net_trainer = nnunet_run.short_trainer(recursive_find_trainer_class_by_name(trainer), DATASET, epochs, iterations,
+                                           torch.device("cuda" if use_cuda else "cpu"))
     _step("training (nnU-Net prints one block per epoch)", t0)
     net_trainer.run_training()
     model_dir = Path(net_trainer.output_folder).parent
     _step(f"training done: {model_dir}", t0)
 
-    # nnUNetv2_predict in a fresh process: the real CLI, and no race with training's worker threads
-    # (nnU-Net's trainer lookup iterates sys.modules while they may still import).
-    pred_dir = root / "prediction"
-    predict = subprocess.run(
-        [sys.executable, "-c", "from nnunetv2.inference.predict_from_raw_data import predict_entry_point as p; p()",
-         "-i", str(raw / "imagesTs"), "-o", str(pred_dir), "-d", str(DATASET_ID), "-c", "3d_fullres", "-tr", trainer,
-         "-f", "all", "-chk", "checkpoint_final.pth", "-device", "cuda" if use_cuda else "cpu", "-npp", "1",
-         "-nps", "1"], capture_output=True, text=True)
+    pred_dir = root / "prediction"  # nnUNetv2_predict, in a fresh process (see nnunet/run.py)
+    predict = nnunet_run.predict(["-i", raw / "imagesTs", "-o", pred_dir, "-d", DATASET_ID, "-c", "3d_fullres",
+                                  "-tr", trainer, "-f", "all", "-chk", "checkpoint_final.pth",
+                                  "-device", "cuda" if use_cuda else "cpu", "-npp", "1", "-nps", "1"], check=False)
     if predict.returncode != 0:
         print(predict.stdout[-2000:], predict.stderr[-3000:], file=sys.stderr)
         return 1

@@ -102,7 +102,8 @@ class MobileViM(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_fast_stale", True))
 
     def train(self, mode: bool = True):
-        self._fast_stale = True  # weights may change while training
+        if mode:
+            self._fast_stale = True  # weights may change while training; eval() alone changes none
         return super().train(mode)
 
     def _fast_forward(self, x: Tensor) -> Tensor:

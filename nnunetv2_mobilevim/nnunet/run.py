@@ -1,0 +1,56 @@
+"""Running nnU-Net from our own commands (demo, compare, benchmark).
+
+- nnU-Net's command-line entry points, each in a fresh Python process: no PATH lookup of the console
+  scripts (they need not be on PATH, e.g. with ``pip install --target``), and no race between
+  nnU-Net's trainer lookup (it iterates ``sys.modules``) and the data-loader threads that a
+  finished in-process training may leave behind.
+- a trainer built the way ``nnUNetv2_train`` builds it, with a short schedule, for in-process runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+
+def _entry_point(module: str, function: str, args: Sequence, env: Optional[Mapping[str, str]],
+                 check: bool) -> subprocess.CompletedProcess:
+    code = f"from {module} import {function} as entry; entry()"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=None if env is None else dict(env),
+                          capture_output=True, text=True, check=check)
+
+
+def plan_and_preprocess(args: Sequence, env: Optional[Mapping[str, str]] = None,
+                        check: bool = True) -> subprocess.CompletedProcess:
+    """``nnUNetv2_plan_and_preprocess ARGS``."""
+    return _entry_point("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints", "plan_and_preprocess_entry",
+                        args, env, check)
+
+
+def train(args: Sequence, env: Optional[Mapping[str, str]] = None, check: bool = True) -> subprocess.CompletedProcess:
+    """``nnUNetv2_train ARGS``."""
+    return _entry_point("nnunetv2.run.run_training", "run_training_entry", args, env, check)
+
+
+def predict(args: Sequence, env: Optional[Mapping[str, str]] = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """``nnUNetv2_predict ARGS``."""
+    return _entry_point("nnunetv2.inference.predict_from_raw_data", "predict_entry_point", args, env, check)
+
+
+def short_trainer(trainer_class: type, dataset: str, epochs: int, iterations: int, device, fold="all"):
+    """``trainer_class`` for ``dataset``'s 3d_fullres plan (read from ``nnUNet_preprocessed``), as
+    ``nnUNetv2_train`` would build it, with ``epochs`` x ``iterations`` (validation: a fifth, >= 2)."""
+    preprocessed = Path(os.environ["nnUNet_preprocessed"]) / dataset
+    plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False  # nnU-Net 2.8.1's run_training sets this before building a trainer
+    dataset_json = json.loads((preprocessed / "dataset.json").read_text())
+    trainer = trainer_class(plans, "3d_fullres", fold, dataset_json, device)
+    trainer.num_epochs = epochs
+    trainer.num_iterations_per_epoch = iterations
+    trainer.num_val_iterations_per_epoch = max(2, iterations // 5)
+    return trainer
