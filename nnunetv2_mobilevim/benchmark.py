@@ -10,6 +10,7 @@ Output: a markdown table on stdout, a JSON file and a PNG (speed against paramet
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -36,13 +37,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.png (default: print only)")
     p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="also time inference replayed from a CUDA graph (MobileViM: BatchNorm folded too) and report "
-                        "the largest logit difference to the plain fp32 forward")
+                   help="also time inference replayed from a CUDA graph (MobileViM: BatchNorm folded too; reports the "
+                        "largest logit difference to the plain fp32 forward) and the training step with forward and "
+                        "backward replayed from CUDA graphs (MobileViM: in channels_last_3d, as its trainer runs it)")
     p.add_argument("--compile", action="store_true",
-                   help="also time the training step of torch.compile(network) (MobileViM's Mamba path stays eager)")
+                   help="also time the training step of torch.compile(network) for nnU-Net's networks (nnU-Net 2.8 "
+                        "compiles by default on a GPU; MobileViM trains through CUDA graphs instead)")
     p.add_argument("--predict-e2e", action="store_true",
                    help="instead: time nnUNetv2_predict of one 256^3 volume (sliding window, mirroring) with "
                         "nnUNetTrainerMobileViM_smoke vs nnU-Net's nnUNetTrainer_1epoch on the same plans (needs nnU-Net)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="run every network and input in channels_last_3d memory format")
     p.add_argument("--profile", action="store_true",
                    help="print where the fp16 forward of each MobileViM spends its GPU time (torch.profiler)")
 
@@ -100,16 +105,17 @@ def _time_cuda(fn: Callable[[], None], iterations: int, warmup: int) -> float:
 
 def measure(name: str, args: argparse.Namespace) -> Dict:
     import torch
-    from torch import nn
 
-    from .summary import count_macs
+    from .summary import count_bytes, count_macs
 
     dev = torch.device("cuda")
-    net = build(name, args.in_channels, args.classes, args.patch).to(dev)
+    layout = torch.channels_last_3d if args.channels_last else torch.contiguous_format
+    net = build(name, args.in_channels, args.classes, args.patch).to(dev, memory_format=layout)
     row: Dict = {"network": name, "params": sum(p.numel() for p in net.parameters())}
     net.eval()
-    x = torch.randn(args.batch, args.in_channels, *args.patch, device=dev)
+    x = torch.randn(args.batch, args.in_channels, *args.patch, device=dev).to(memory_format=layout)
     row["macs_per_sample"] = count_macs(net, x[:1])["macs"]
+    row["bytes_per_sample_fp16"] = count_bytes(net, x[:1], torch.float16)
     for label, dtype in (("fp32", None), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
         def forward():
             with torch.no_grad(), torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -122,8 +128,9 @@ def measure(name: str, args: argparse.Namespace) -> Dict:
     if args.cuda_graphs:
         from .fast_inference import CUDAGraphRunner, fold_batchnorm
 
-        fast = fold_batchnorm(net) if name.startswith("mobilevim") else net
-        runner = CUDAGraphRunner(fast)
+        ours = name.startswith("mobilevim")
+        # MobileViM as its fast path runs it; nnU-Net's networks with cuDNN autotuning, as nnU-Net runs them
+        runner = CUDAGraphRunner(fold_batchnorm(net) if ours else net, autotune_cudnn=not ours)
         with torch.no_grad():
             ref = net(x)
             row["fast_max_abs_diff_fp32"] = (runner(x) - ref).abs().max().item()
@@ -137,30 +144,78 @@ def measure(name: str, args: argparse.Namespace) -> Dict:
         row["profile"] = profile_forward(net, x)
     if not args.no_train:
         net.train()
-        opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
-        scaler = torch.amp.GradScaler("cuda")
-        xt = torch.randn(args.train_batch, args.in_channels, *args.patch, device=dev)
+        xt = torch.randn(args.train_batch, args.in_channels, *args.patch, device=dev).to(memory_format=layout)
         target = torch.randint(0, args.classes, (args.train_batch, *args.patch), device=dev)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.float16):
-                out = net(xt)
-                loss = nn.functional.cross_entropy(out, target)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
         torch.cuda.reset_peak_memory_stats()
-        row["train_step_ms"] = _time_cuda(step, max(5, args.iterations // 2), args.warmup)
+        row["train_step_ms"] = _train_step_ms(net, net, xt, target, args)
         row["train_peak_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
-        if args.compile:
-            eager, compiled = net, torch.compile(net)
+        if args.cuda_graphs:
+            from .graphed_training import TrainingGraphs
+
+            if name.startswith("mobilevim"):  # what nnUNetTrainerMobileViM does: graphs + channels_last_3d
+                forward = net.enable_cuda_graph_training()
+            else:
+                forward = TrainingGraphs(net, net.forward)
+            torch.cuda.reset_peak_memory_stats()
+            row["train_step_ms_graph"] = _train_step_ms(net, forward, xt, target, args)
+            row["train_peak_gb_graph"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            if name.startswith("mobilevim"):
+                net.cuda_graph_training = False
+                net.to(memory_format=layout)
+        if args.profile and name.startswith("mobilevim"):
+            row["train_profile"] = profile_train_step(net, xt, target, args)
+        if args.compile and not name.startswith("mobilevim"):  # MobileViM trains through CUDA graphs instead
             start = time.perf_counter()
-            net = compiled  # step() reads `net` from this scope
-            row["train_step_ms_compiled"] = _time_cuda(step, max(5, args.iterations // 2), args.warmup)
+            compiled = torch.compile(net)
+            row["train_step_ms_compiled"] = _train_step_ms(net, compiled, xt, target, args)
             row["compile_and_time_seconds"] = time.perf_counter() - start
-            net = eager
     return row
+
+
+def _train_step(net: nn.Module, forward: Callable, opt, scaler, xt, target) -> None:
+    """One nnU-Net-style step: zero grads, fp16 autocast forward + loss, scaled backward, unscale,
+    clip to norm 12, SGD step, scaler update."""
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = torch.nn.functional.cross_entropy(forward(xt), target)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
+    scaler.step(opt)
+    scaler.update()
+
+
+def _train_step_ms(net: nn.Module, forward: Callable, xt, target, args: argparse.Namespace) -> float:
+    """Median ms of ``_train_step`` (SGD as nnU-Net's: lr 1e-2, Nesterov momentum 0.99, weight decay 3e-5)."""
+    import torch
+
+    opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    scaler = torch.amp.GradScaler("cuda")
+    return _time_cuda(lambda: _train_step(net, forward, opt, scaler, xt, target), max(5, args.iterations // 2),
+                      args.warmup)
+
+
+def profile_train_step(net: nn.Module, xt, target, args: argparse.Namespace, steps: int = 3) -> Dict:
+    """GPU kernel time and kernel launches of one eager training step: the floor a graphed step approaches."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    scaler = torch.amp.GradScaler("cuda")
+    for _ in range(3):
+        _train_step(net, net, opt, scaler, xt, target)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            _train_step(net, net, opt, scaler, xt, target)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    gpu_ms = sum(e.self_device_time_total for e in events) / steps / 1000
+    kernels = sum(e.count for e in events) / steps
+    print(f"\ntraining-step profile: {gpu_ms:.2f} ms GPU kernel time, {kernels:.0f} kernels per step", file=sys.stderr)
+    return {"gpu_ms": gpu_ms, "kernels": kernels}
 
 
 def profile_forward(net: nn.Module, x: torch.Tensor, steps: int = 5) -> Dict:
@@ -212,6 +267,17 @@ def markdown(result: Dict) -> str:
             ratio = f"{r['fps_fp16_graph'] / base['fps_fp16_graph']:.2f}x" if base and "fps_fp16_graph" in base else "-"
             lines.append(f"| {r['network']} | {r['fps_fp16_graph']:.1f} | {ratio} | "
                          f"{r['fast_max_abs_diff_fp32']:.2e} (logits up to {r['logit_max_abs_fp32']:.1f}) |")
+    variants = [(k, label) for k, label in (("train_step_ms", "eager"), ("train_step_ms_graph", "CUDA graph"),
+                                            ("train_step_ms_compiled", "torch.compile"))
+                if any(k in r for r in rows)]
+    if len(variants) > 1 and base:
+        lines += ["", "| network | " + " | ".join(f"train step {label} (ms)" for _, label in variants)
+                  + " | best vs PlainConvUNet eager | best vs PlainConvUNet best |", "|---|" + "---|" * (len(variants) + 2)]
+        base_best = min(base[k] for k, _ in variants if k in base)
+        for r in rows:
+            best = min(r[k] for k, _ in variants if k in r)
+            cells = " | ".join(f"{r[k]:.1f}" if k in r else "-" for k, _ in variants)
+            lines.append(f"| {r['network']} | {cells} | {best / base['train_step_ms']:.2f}x | {best / base_best:.2f}x |")
     return "\n".join(lines)
 
 
@@ -306,14 +372,17 @@ def run_benchmark(args: argparse.Namespace) -> int:
         return 0
     from .scan import resolve_backend
 
+    torch.backends.cudnn.benchmark = True  # as nnUNetv2_train and nnUNetv2_predict set it
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "patch": args.patch,
               "in_channels": args.in_channels, "classes": args.classes, "batch": args.batch,
               "train_batch": args.train_batch, "scan_backend": resolve_backend(True),
+              "memory_format": "channels_last_3d" if args.channels_last else "contiguous",
               "date": time.strftime("%Y-%m-%d"), "command": "nnunetv2_mobilevim benchmark " + " ".join(sys.argv[2:]),
               "rows": []}
     for i, name in enumerate(args.networks):
         print(f"[{i + 1}/{len(args.networks)}] {name} ...", file=sys.stderr, flush=True)
         result["rows"].append(measure(name, args))
+        gc.collect()  # captured graphs reference their network in a cycle
         torch.cuda.empty_cache()  # the measured network is gone once measure() returns
     print(markdown(result))
     if args.out:

@@ -6,8 +6,9 @@ predict held-out cases and report per-class Dice, epoch time and peak GPU memory
 
 ``demo``: the embedded brain-extraction set (3 training volumes, held-out real person).
 ``shapes``: ``synthetic.py``'s multi-class set (ellipsoids, rare small spheres, thin tubes, shells).
-Every trainer trains fold ``all`` with the same number of epochs and iterations, torch.compile off
-for all (a like-for-like epoch time); prediction uses nnU-Net's CLI (mirroring on).
+Every trainer trains fold ``all`` with the same number of epochs and iterations; prediction uses
+nnU-Net's CLI (mirroring on). torch.compile is off for all, except nnU-Net's own trainer with
+``--baseline-compile`` (nnU-Net 2.8's default on a GPU; the MobileViM trainers replay CUDA graphs).
 """
 
 from __future__ import annotations
@@ -45,19 +46,26 @@ def dice_per_class(pred_dir: Path, ref_dir: Path, labels: Dict[str, int]) -> Dic
     return {name: float(np.nanmean(v)) for name, v in scores.items()}
 
 
-def train_one(trainer_class: type, dataset: str, epochs: int, iterations: int) -> Dict:
+def train_one(trainer_class: type, dataset: str, epochs: int, iterations: int, compile_network: bool) -> Dict:
     import torch
 
     trainer_name = trainer_class.__name__
+    torch.backends.cudnn.benchmark = True  # as nnUNetv2_train sets it before training
     trainer = nnunet_run.short_trainer(trainer_class, dataset, epochs, iterations, torch.device("cuda"))
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    trainer.run_training()
+    os.environ["nnUNet_compile"] = "t" if compile_network else "f"  # read when the run initialises
+    try:
+        trainer.run_training()
+    finally:
+        os.environ["nnUNet_compile"] = "f"
     logger = getattr(trainer.logger, "local_logger", trainer.logger)  # 2.8: MetaLogger wraps the local logger
     log = logger.my_fantastic_logging
     epoch_times = [e - s for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])]
     return {"trainer": trainer_name, "train_seconds": time.perf_counter() - start,
             "epoch_seconds_median": float(np.median(epoch_times[1:] or epoch_times)),
+            "first_epoch_seconds": float(epoch_times[0]), "torch_compile": compile_network,
+            "cuda_graph_training": bool(getattr(trainer.network, "cuda_graph_training", False)),
             "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2 ** 30,
             "final_train_loss": float(log["train_losses"][-1]),
             "any_nan_loss": bool(any(not np.isfinite(x) for x in log["train_losses"])),
@@ -70,6 +78,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--trainers", nargs="+", default=TRAINERS)
+    parser.add_argument("--baseline-compile", action="store_true",
+                        help="train nnUNetTrainer with torch.compile (nnU-Net 2.8's GPU default)")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -91,6 +101,7 @@ def main() -> int:
     labels = json.loads((raw / "dataset.json").read_text())["labels"]
     plans = json.loads((root / "pre" / dataset / "nnUNetPlans.json").read_text())["configurations"]["3d_fullres"]
     result = {"dataset": args.dataset, "epochs": args.epochs, "iterations_per_epoch": args.iterations,
+              "command": "python -m nnunetv2_mobilevim.compare " + " ".join(sys.argv[1:]),
               "patch": plans["patch_size"], "batch": plans["batch_size"], "rows": []}
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
@@ -99,7 +110,8 @@ def main() -> int:
     classes = {name: recursive_find_trainer_class_by_name(name) for name in args.trainers}
     for name in args.trainers:
         print(f"[compare] {args.dataset}: training {name} ({args.epochs} x {args.iterations})", flush=True)
-        row = train_one(classes[name], dataset, args.epochs, args.iterations)
+        row = train_one(classes[name], dataset, args.epochs, args.iterations,
+                        compile_network=args.baseline_compile and name == "nnUNetTrainer")
         out = root / f"pred_{name}"
         nnunet_run.predict(["-i", raw / "imagesTs", "-o", out, "-d", dataset_id, "-c", "3d_fullres", "-tr", name,
                             "-f", "all", "-chk", "checkpoint_final.pth"])

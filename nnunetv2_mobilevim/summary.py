@@ -13,6 +13,8 @@ from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from .layers.dual_direction_mamba import DualDirectionMamba
@@ -37,6 +39,31 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> Dict[str, int]:
             h.remove()
     counted = counter.get_total_flops() // 2
     return {"macs": counted + scan_macs[0], "macs_counter": counted, "macs_scan": scan_macs[0]}
+
+
+class _TensorBytes(TorchDispatchMode):
+    """Sums the bytes every non-view ATen op reads (tensor arguments) and writes (tensor results)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not getattr(func, "is_view", False):
+            self.total += sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs, out))
+                              if isinstance(t, torch.Tensor))
+        return out
+
+
+def count_bytes(model: nn.Module, x: torch.Tensor, dtype=None) -> int:
+    """Memory traffic of one eager forward if every op read its inputs and wrote its output once
+    (no caching, no fusion): what a roofline of the unfused network charges. ``dtype``: autocast dtype."""
+    mode = _TensorBytes()
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with mode:
+            model(x)
+    return mode.total
 
 
 def summarize(variant: str, in_channels: int, classes: int, patch: Sequence[int],

@@ -36,4 +36,32 @@ def test_fast_inference_flag_is_inert_on_the_cpu():
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(net(x), plain(x))
-    assert net._fast is None
+    assert net._runtime.fast is None
+
+
+def test_graph_training_flag_is_inert_on_the_cpu_and_copies_start_empty():
+    """On the CPU the flag changes nothing (outputs and gradients equal the plain network's), and a deep
+    copy (nnU-Net's checkpoint handling, fold_batchnorm) never carries captured state along."""
+    import copy
+
+    torch.manual_seed(0)
+    net = MobileViM(input_channels=1, num_classes=2, variant="xs", deep_supervision=True)
+    plain = copy.deepcopy(net)
+    net.enable_cuda_graph_training()  # graphs (CUDA only) + channels_last_3d weights
+    assert net.cuda_graph_training and net.encoder.stem[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    x = torch.randn(2, 1, 32, 32, 32)
+    outs, refs = net(x), plain(x)
+    assert isinstance(outs, list) and len(outs) == len(refs) == 4
+    sum(o.square().mean() for o in outs).backward()
+    sum(o.square().mean() for o in refs).backward()
+    def rel(a, b):  # the channels_last convolutions sum in another order: compare at the tensor's scale
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    assert max(rel(o, r) for o, r in zip(outs, refs)) < 1e-4
+    grads = [torch.cat([p.grad.flatten() for p in n.parameters()]) for n in (net, plain)]
+    assert rel(*grads) < 1e-4
+    assert net._runtime.training_graphs is None
+    net._runtime.training_graphs = object()  # stands in for captured graphs
+    assert copy.deepcopy(net)._runtime.training_graphs is None
+    net.to("cpu")
+    assert net._runtime.training_graphs is None  # moving the network drops what was captured

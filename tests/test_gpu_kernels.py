@@ -157,6 +157,104 @@ def test_fast_inference_follows_loaded_weights(no_tf32):
         first = a(x)
         a.load_state_dict(b.state_dict())
         second, expected = a(x), b(x)
-    assert a._fast is not None  # the fast path ran
+    assert a._runtime.fast is not None  # the fast path ran
     assert rel_err(second, expected) < 1e-4
     assert rel_err(first, expected) > 1e-2
+
+
+@pytest.fixture
+def cudnn_autotune():
+    """cuDNN autotuning on, as nnUNetv2_train runs: the graphed network autotunes while it captures,
+    and the eager copies then reuse the algorithms it found (cuDNN's benchmark cache is per process)."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    yield
+    torch.backends.cudnn.benchmark = saved
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_graphed_training_matches_eager_over_optimizer_steps(no_tf32, cudnn_autotune, amp):
+    """Forward + backward replayed from CUDA graphs give the eager network's deep-supervision outputs and
+    gradients, step after step, with new data every step and weights the optimiser changed in place.
+
+    All three copies are channels_last_3d, as nnUNetTrainerMobileViM trains. Two eager copies differ
+    too (atomic adds in backward kernels), and training amplifies that from step to step; so after
+    the first step the graphed copy must stay within 10x the eager-vs-eager difference. Replaying a
+    stale input or stale weights would be off by orders of magnitude more."""
+    torch.manual_seed(0)
+    layout = torch.channels_last_3d
+    eager = MobileViM(input_channels=1, num_classes=3, variant="xs", deep_supervision=True).cuda().train()
+    eager.to(memory_format=layout)
+    nets = (copy.deepcopy(eager).enable_cuda_graph_training(), eager, copy.deepcopy(eager))  # graphed first
+    optimizers = [torch.optim.SGD(n.parameters(), lr=1e-2, momentum=0.99, nesterov=True) for n in nets]
+    first_step_tol = FP16_TOL if amp else 1e-2
+    for step in range(3):
+        x = torch.randn(2, 1, 64, 64, 64, device="cuda")
+        seen = []
+        for net, opt in zip(nets, optimizers):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+                outs = net(x)
+                loss = sum(w * o.float().square().mean() for w, o in zip((1.0, 0.5, 0.25, 0.125), outs))
+            loss.backward()
+            seen.append(([o.detach().clone() for o in outs],
+                         torch.cat([p.grad.flatten() for p in net.parameters()])))
+            opt.step()
+        (outs_g, grads_g), (outs_a, grads_a), (outs_b, grads_b) = seen
+        errs = {}
+        for label, (outs, grads) in (("twin", (outs_b, grads_b)), ("graphed", (outs_g, grads_g))):
+            errs[label] = (max(rel_err(o, a) for o, a in zip(outs, outs_a)), rel_err(grads, grads_a))
+            report(f"{label} vs eager training, {'fp16 autocast' if amp else 'fp32'}, step {step}: "
+                   f"outputs / gradients", max(errs[label]))
+        for i in range(2):
+            tol = first_step_tol if step == 0 else max(first_step_tol, 10 * errs["twin"][i])
+            assert errs["graphed"][i] < tol, (step, i, errs)
+    assert len(nets[0]._runtime.training_graphs) == 1  # captured once, replayed after
+
+
+def test_our_kernel_wrapper_matches_mamba_ssms_own():
+    """We call mamba-ssm's compiled kernel directly (import time); mamba-ssm's wrapper must agree exactly."""
+    interface = pytest.importorskip("mamba_ssm.ops.selective_scan_interface")
+    torch.manual_seed(0)
+    b, d, n, length = 2, 32, 16, 29
+    u = torch.randn(b, d, length, device="cuda", requires_grad=True)
+    delta = (0.5 * torch.randn(b, d, length, device="cuda")).requires_grad_()
+    A = (-torch.rand(d, n, device="cuda") - 0.1).requires_grad_()
+    B = torch.randn(b, 2, n, length, device="cuda", requires_grad=True)
+    C = torch.randn(b, 2, n, length, device="cuda", requires_grad=True)
+    D = torch.randn(d, device="cuda", requires_grad=True)
+    z = torch.randn(b, d, length, device="cuda", requires_grad=True)
+    bias = (0.1 * torch.randn(d, device="cuda")).requires_grad_()
+    inputs, g = [u, delta, A, B, C, D, z, bias], torch.randn(b, d, length, device="cuda")
+    results = []
+    for fn in (load_kernels()[0], interface.selective_scan_fn):
+        for z_arg in (z, None):
+            y = fn(u, delta, A, B, C, D=D, z=z_arg, delta_bias=bias, delta_softplus=True)
+            used = [t for t in inputs if z_arg is not None or t is not z]
+            results.append((y, torch.autograd.grad((y * g).sum(), used)))
+    for ours, theirs in zip(results[:2], results[2:]):
+        torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=0)
+        for a, c in zip(ours[1], theirs[1]):
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)  # backward kernels add atomically
+
+
+def test_fast_inference_with_deep_supervision_as_in_validation(no_tf32):
+    """nnU-Net validates with deep supervision on and predicts with it off, on the same network object."""
+    torch.manual_seed(0)
+    net = MobileViM(input_channels=1, num_classes=3, variant="xs", deep_supervision=True).cuda()
+    net.train()
+    with torch.no_grad():  # give BatchNorm non-trivial running statistics
+        net(torch.randn(2, 1, 64, 64, 64, device="cuda") * 3 + 1)
+    net.eval()
+    plain = copy.deepcopy(net)
+    net.fast_inference = True
+    x = torch.randn(2, 1, 64, 64, 64, device="cuda")
+    for deep_supervision in (True, False, True):
+        net.decoder.deep_supervision = plain.decoder.deep_supervision = deep_supervision
+        with torch.no_grad():
+            fast, ref = net(x), plain(x)
+        fast, ref = (fast, ref) if deep_supervision else ([fast], [ref])
+        assert len(fast) == len(ref) == (4 if deep_supervision else 1)
+        err = max(rel_err(a, b) for a, b in zip(fast, ref))
+        report(f"fast inference, deep supervision {deep_supervision}", err)
+        assert err < 1e-4

@@ -211,22 +211,28 @@ def test_truncated_checkpoint_is_reported_and_nothing_is_lost(workspace):
         final.write_bytes(data)
 
 
-def test_adamw_recipe_trainer_initialises(workspace):
-    """The recipe variant builds through nnU-Net's own initialize(): AdamW, cosine from 1e-3."""
+@pytest.mark.parametrize("name,optimizer", [("nnUNetTrainerMobileViM", "AdamW"), ("nnUNetTrainerMobileViM_xs", "AdamW"),
+                                            ("nnUNetTrainerMobileViM_SGD", "SGD"), ("nnUNetTrainerMobileViM_xs_SGD", "SGD")])
+def test_trainer_recipes_initialise(workspace, name, optimizer):
+    """Each trainer builds through nnU-Net's own initialize() with its recipe: the default AdamW with
+    a cosine from 1e-3 to 1e-5, the _SGD variants nnU-Net's SGD with poly decay from 1e-2."""
     for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
         os.environ.setdefault(var, str(workspace / sub))  # before nnunetv2.paths is first imported
     os.environ["nnUNet_extTrainer"] = str(ext_trainer_dir())
     import torch
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    cls = recursive_find_trainer_class_by_name("nnUNetTrainerMobileViM_AdamW")
+    cls = recursive_find_trainer_class_by_name(name)
     plans = json.loads((workspace / "preprocessed" / DATASET / "nnUNetPlans.json").read_text())
     dataset_json = json.loads((workspace / "preprocessed" / DATASET / "dataset.json").read_text())
     plans["continue_training"] = False
     trainer = cls(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
     trainer.initialize()
-    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    assert type(trainer.optimizer).__name__ == optimizer
+    assert trainer.network.config.name == ("MobileViM_xs" if "_xs" in name else "MobileViM_s")
+    assert not trainer.network.cuda_graph_training  # CUDA graphs only on a GPU
+    start, end = (1e-3, 1e-5) if optimizer == "AdamW" else (1e-2, 0.0)
     trainer.lr_scheduler.step(0)
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(start)
     trainer.lr_scheduler.step(trainer.num_epochs)
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(end, abs=1e-6)

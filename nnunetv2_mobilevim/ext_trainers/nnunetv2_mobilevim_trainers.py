@@ -6,7 +6,8 @@ nnunetv2_mobilevim.nnunet.trainers, so their class paths (and checkpoints) never
 
 from nnunetv2_mobilevim.nnunet.trainers import (  # noqa: F401
     nnUNetTrainerMobileViM,
-    nnUNetTrainerMobileViM_AdamW,
+    nnUNetTrainerMobileViM_SGD,
     nnUNetTrainerMobileViM_smoke,
     nnUNetTrainerMobileViM_xs,
+    nnUNetTrainerMobileViM_xs_SGD,
 )

@@ -1,8 +1,9 @@
 """nnU-Net trainers that train MobileViM. They adapt the network to nnU-Net and hold no network code.
 
     export nnUNet_extTrainer=$(nnunetv2_mobilevim ext-path)
-    nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerMobileViM       # MobileViM_s
-    nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerMobileViM_xs    # MobileViM_xs
+    nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerMobileViM       # MobileViM_s, AdamW + cosine
+    nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerMobileViM_xs    # MobileViM_xs, AdamW + cosine
+    ... -tr nnUNetTrainerMobileViM_SGD | nnUNetTrainerMobileViM_xs_SGD       # nnU-Net's own recipe
 
 What they change relative to ``nnUNetTrainer``:
 - the network: MobileViM built from the plan (patch size, the first four per-axis pooling strides,
@@ -10,11 +11,15 @@ What they change relative to ``nnUNetTrainer``:
 - deep-supervision scales: taken from the network, so every output has a target of its size;
 - torch.compile: off unless ``nnUNet_compile`` is set to true explicitly (nnU-Net 2.8 compiles by
   default on CUDA; the mamba-ssm kernels are opaque to the compiler, see docs/nnunet.md);
+- the training forward and backward are replayed from CUDA graphs on a single GPU (same outputs and
+  gradients; loss, GradScaler and optimiser stay nnU-Net's), see ``graphed_training.py``;
 - a truncated or corrupt checkpoint gives an error that says what to do;
 - prediction (the network nnU-Net's predictor builds) runs BatchNorm-folded and replayed from a
   CUDA graph on GPUs: same logits, several times fewer kernel launches.
-The training recipe is nnU-Net's default (SGD, Nesterov 0.99, lr 1e-2, poly decay, weight decay
-3e-5, 1000 epochs x 250 iterations, Dice + CE, fp16 AMP on CUDA): see docs/nnunet.md for why.
+The recipe: AdamW (lr 1e-3, weight decay 0.03) with a cosine schedule, the paper's optimiser family,
+chosen by measurement over nnU-Net's SGD + poly (docs/results.md); everything else is nnU-Net's
+(1000 epochs x 250 iterations, Dice + CE with deep supervision, fp16 AMP, augmentation). The ``_SGD``
+trainers keep nnU-Net's optimiser and schedule unchanged.
 """
 
 from __future__ import annotations
@@ -50,8 +55,9 @@ def require_3d(configuration_manager: ConfigurationManager, configuration: str =
             f"(whichever your plans contain), e.g. nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerMobileViM.")
 
 
-class nnUNetTrainerMobileViM(nnUNetTrainer):
-    """MobileViM_s with nnU-Net's default training recipe."""
+class nnUNetTrainerMobileViM_SGD(nnUNetTrainer):
+    """MobileViM_s with nnU-Net's own recipe (SGD, Nesterov 0.99, lr 1e-2, poly decay, weight decay
+    3e-5). The base of every MobileViM trainer: it adapts the network to nnU-Net."""
 
     mobilevim_variant = "s"
 
@@ -82,12 +88,26 @@ class nnUNetTrainerMobileViM(nnUNetTrainer):
         flag = os.environ.get("nnUNet_compile", "").lower()
         return flag in ("true", "1", "t") and self.device.type == "cuda"
 
+    def _use_cuda_graphs(self) -> bool:
+        """Graph the training step on one GPU without torch.compile (DDP brings SyncBatchNorm and
+        gradient hooks, the compiler its own graphs); ``NNUNETV2_MOBILEVIM_CUDA_GRAPHS=0`` turns it off."""
+        flag = os.environ.get("NNUNETV2_MOBILEVIM_CUDA_GRAPHS", "1").lower()
+        return (flag not in ("0", "false", "f", "no") and self.device.type == "cuda" and not self.is_ddp
+                and not self._do_i_compile())
+
+    def initialize(self):
+        super().initialize()
+        if self._use_cuda_graphs():
+            self.network.enable_cuda_graph_training()  # the optimiser keeps the same Parameter objects
+            self.network.fast_inference = True  # validation: BatchNorm folded, replayed from a CUDA graph
+
     def on_train_start(self):
         super().on_train_start()
         backend = resolve_backend(self.device.type == "cuda")
         self.print_to_log_file(
             f"MobileViM_{self.mobilevim_variant}: strides {strides_from_plan(self.configuration_manager)}, "
-            f"selective scan backend: {backend}, torch.compile: {self._do_i_compile()}")
+            f"selective scan backend: {backend}, torch.compile: {self._do_i_compile()}, "
+            f"CUDA-graph training step: {self._use_cuda_graphs()}")
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         try:
@@ -102,22 +122,10 @@ class nnUNetTrainerMobileViM(nnUNetTrainer):
                 "checkpoint_latest.pth or checkpoint_best.pth); to start over, run without --c.") from err
 
 
-class nnUNetTrainerMobileViM_xs(nnUNetTrainerMobileViM):
-    """MobileViM_xs with nnU-Net's default training recipe."""
+class nnUNetTrainerMobileViM_xs_SGD(nnUNetTrainerMobileViM_SGD):
+    """MobileViM_xs with nnU-Net's own recipe."""
 
     mobilevim_variant = "xs"
-
-
-class nnUNetTrainerMobileViM_smoke(nnUNetTrainerMobileViM):
-    """A first check (and the test suite's trainer): 2 epochs of 4 iterations, a checkpoint every epoch."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 2
-        self.num_iterations_per_epoch = 4
-        self.num_val_iterations_per_epoch = 2
-        self.save_every = 1
 
 
 class CosineLRScheduler(_LRScheduler):
@@ -142,10 +150,11 @@ class CosineLRScheduler(_LRScheduler):
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
-class nnUNetTrainerMobileViM_AdamW(nnUNetTrainerMobileViM):
-    """MobileViM_s with the paper's optimiser family: AdamW (weight decay 0.03, as the released
+class nnUNetTrainerMobileViM(nnUNetTrainerMobileViM_SGD):
+    """MobileViM_s, trained with the paper's optimiser family: AdamW (weight decay 0.03, as the released
     scripts) and a cosine schedule, at lr 1e-3 (the paper's 1.6e-6 start would barely move a network
-    trained from scratch in nnU-Net's epoch budget). For the recipe comparison of docs/results.md."""
+    trained from scratch in nnU-Net's epoch budget). The default: it beat nnU-Net's SGD + poly on both
+    comparison datasets (docs/results.md)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -158,5 +167,24 @@ class nnUNetTrainerMobileViM_AdamW(nnUNetTrainerMobileViM):
         return optimizer, CosineLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
 
-__all__ = ["nnUNetTrainerMobileViM", "nnUNetTrainerMobileViM_xs", "nnUNetTrainerMobileViM_smoke",
-           "nnUNetTrainerMobileViM_AdamW", "CosineLRScheduler", "strides_from_plan", "require_3d"]
+class nnUNetTrainerMobileViM_xs(nnUNetTrainerMobileViM):
+    """MobileViM_xs, AdamW + cosine."""
+
+    mobilevim_variant = "xs"
+
+
+class nnUNetTrainerMobileViM_smoke(nnUNetTrainerMobileViM):
+    """A first check (and the test suite's trainer): 2 epochs of 4 iterations, a checkpoint every epoch."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 4
+        self.num_val_iterations_per_epoch = 2
+        self.save_every = 1
+
+
+__all__ = ["nnUNetTrainerMobileViM", "nnUNetTrainerMobileViM_xs", "nnUNetTrainerMobileViM_SGD",
+           "nnUNetTrainerMobileViM_xs_SGD", "nnUNetTrainerMobileViM_smoke", "CosineLRScheduler",
+           "strides_from_plan", "require_3d"]

@@ -1,15 +1,24 @@
 """The mamba-ssm / causal-conv1d kernel backend (CUDA only).
 
-``selective_scan_fn`` computes exactly the recurrence of Algorithm 1 (A of shape (D, N) broadcast
-over the batch, B and C per group, float32 state inside the kernel), so it is the kernel that fits;
-Mamba2's SSD kernels need A to be one scalar per head, which Algorithm 1's A_d of size M is not.
-Imports happen on first use so that importing the package never needs the kernels.
+mamba-ssm's selective-scan kernel computes exactly the recurrence of Algorithm 1 (A of shape (D, N)
+broadcast over the batch, B and C per group, float32 state inside the kernel), so it is the kernel
+that fits; Mamba2's SSD kernels need A to be one scalar per head, which Algorithm 1's A_d of size M
+is not. Imports happen on first use so that importing the package never needs the kernels.
+
+We call mamba-ssm's compiled kernel module ``selective_scan_cuda`` through a 30-line autograd
+function instead of ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``, deliberately:
+importing the latter runs mamba_ssm's package ``__init__`` (triton kernels, Mamba2/Mamba3, the language
+model), which took 4.3-5.0 s on an H100 machine, paid by every ``nnUNetv2_predict``. The arguments
+are those mamba-ssm's own ``SelectiveScanFn`` passes; ``tests/test_gpu_kernels.py`` checks that both
+give identical outputs and gradients.
 """
 
 from __future__ import annotations
 
 import functools
 from typing import Callable, Optional, Tuple
+
+import torch
 
 INSTALL_HINT = (
     "install the GPU extra on a machine with CUDA and nvcc: "
@@ -18,18 +27,46 @@ INSTALL_HINT = (
 )
 
 
+class _SelectiveScanKernel(torch.autograd.Function):
+    """u, delta, z: (B, D, L); A: (D, N); B, C: (B, G, N, L); D, delta_bias: (D,) -> (B, D, L)."""
+
+    @staticmethod
+    def forward(ctx, kernel, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool):
+        out, states, *rest = kernel.fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        ctx.kernel, ctx.delta_softplus, ctx.has_z = kernel, delta_softplus, z is not None
+        # with z the kernel returns out * silu(z) in rest[0] and needs the ungated out for backward
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states, out if ctx.has_z else None)
+        return rest[0] if ctx.has_z else out
+
+    @staticmethod
+    def backward(ctx, dout):
+        u, delta, A, B, C, D, z, delta_bias, states, out = ctx.saved_tensors
+        du, ddelta, dA, dB, dC, dD, ddelta_bias, *rest = ctx.kernel.bwd(
+            u, delta, A, B, C, D, z, delta_bias, dout.contiguous(), states, out, None, ctx.delta_softplus, False)
+        return (None, du, ddelta, dA, dB, dC, dD if D is not None else None, rest[0] if ctx.has_z else None,
+                ddelta_bias if delta_bias is not None else None, None)
+
+
+def _scan_with(kernel) -> Callable:
+    def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+        """mamba-ssm's ``selective_scan_fn`` signature; B and C must be 4-D (B, G, N, L)."""
+        return _SelectiveScanKernel.apply(kernel, u, delta, A, B, C, None if D is None else D.contiguous(), z,
+                                          delta_bias, delta_softplus)
+    return selective_scan_fn
+
+
 @functools.lru_cache(maxsize=None)
 def load_kernels() -> Tuple[Optional[Callable], Optional[Callable], str]:
     """(selective_scan_fn, causal_conv1d_fn or None, reason if the scan kernel is missing)."""
     try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        import selective_scan_cuda  # mamba-ssm's compiled kernels (a top-level extension module)
     except Exception as err:  # ImportError, or an ABI mismatch surfacing as OSError/RuntimeError
-        return None, None, f"mamba_ssm could not be imported ({type(err).__name__}: {err})"
+        return None, None, f"mamba-ssm's selective_scan_cuda could not be imported ({type(err).__name__}: {err})"
     try:
-        from causal_conv1d import causal_conv1d_fn
+        from causal_conv1d import causal_conv1d_fn  # a light package: its kernels and torch only
     except Exception:
         causal_conv1d_fn = None
-    return selective_scan_fn, causal_conv1d_fn, ""
+    return _scan_with(selective_scan_cuda), causal_conv1d_fn, ""
 
 
 def versions() -> dict:
