@@ -1,10 +1,12 @@
 """``nnunetv2_mobilevim benchmark``: MobileViM next to nnU-Net's own networks, one process, one run.
 
 For each network: parameters, MACs per sample (PyTorch's FlopCounterMode, plus the selective scan by
-Eq. 7 for MobileViM), forward passes per second at the inference batch (fp32, fp16 autocast, bf16
-autocast), one training step (forward, backward, SGD step; fp16 autocast + GradScaler) and the peak
-GPU memory of inference and training. Timing: CUDA events around each call after warm-up; medians.
-Output: a markdown table on stdout, a JSON file and a PNG (speed against parameters).
+Eq. 7 for MobileViM), bytes an unfused fp16 forward moves, forward passes per second at the inference
+batch (fp32, fp16 autocast, bf16 autocast), nnU-Net's training step (fp16 autocast, GradScaler,
+clipping, SGD) and the peak GPU memory of inference and training; optionally the same replayed from
+CUDA graphs (``--cuda-graphs``) and the compiled step of nnU-Net's networks (``--compile``).
+cuDNN autotuning is on, as nnU-Net sets it. Timing: CUDA events around each call after warm-up;
+medians. Output: markdown tables on stdout, a JSON file and a PNG (speed against parameters).
 """
 
 from __future__ import annotations

@@ -53,3 +53,17 @@ def test_ext_path_is_the_shim_folder_and_needs_no_torch():
     probe = subprocess.run([sys.executable, "-c", "import sys, nnunetv2_mobilevim.cli; print('torch' in sys.modules)"],
                            capture_output=True, text=True)
     assert probe.stdout.strip() == "False"
+
+
+def test_count_bytes_charges_each_op_its_reads_and_writes_and_views_nothing():
+    """The roofline's byte count (docs/benchmarks.md): an op reads its tensor inputs and writes its output."""
+    import torch
+
+    from nnunetv2_mobilevim.summary import count_bytes
+
+    conv = torch.nn.Conv3d(1, 2, 1, bias=False)
+    x = torch.zeros(1, 1, 4, 4, 4)
+    conv_bytes = 4 * (64 + 2 + 128)  # float32: input, weight, output
+    assert count_bytes(conv, x) == conv_bytes
+    assert count_bytes(torch.nn.Sequential(conv, torch.nn.ReLU()), x) == conv_bytes + 4 * 2 * 128  # + ReLU r/w
+    assert count_bytes(torch.nn.Flatten(), x) == 0  # a view moves nothing
