@@ -66,7 +66,13 @@ class TrainingGraphs:
         if graphed is None:
             if len(self._graphed) >= self.max_graphs:
                 return self.forward_fn(x)
-            graphed = self._graphed[key] = self._capture(x)
+            try:
+                graphed = self._graphed[key] = self._capture(x)
+            except RuntimeError as err:
+                raise RuntimeError(
+                    f"capturing the training step as CUDA graphs failed ({err}). Set NNUNETV2_MOBILEVIM_CUDA_GRAPHS=0 "
+                    "to train with the eager step instead (same results, slower) and rerun the same command "
+                    "(add --c if checkpoints exist); please report this with your torch and CUDA versions.") from err
         return graphed(x)
 
     def _capture(self, x: Tensor) -> Callable[[Tensor], Any]:
