@@ -189,12 +189,17 @@ def _train_step(net: nn.Module, forward: Callable, opt, scaler, xt, target) -> N
     scaler.update()
 
 
-def _train_step_ms(net: nn.Module, forward: Callable, xt, target, args: argparse.Namespace) -> float:
-    """Median ms of ``_train_step`` (SGD as nnU-Net's: lr 1e-2, Nesterov momentum 0.99, weight decay 3e-5)."""
+def _nnunet_optimizer(net: nn.Module):
+    """nnU-Net's SGD (lr 1e-2, Nesterov momentum 0.99, weight decay 3e-5) and a GradScaler."""
     import torch
 
     opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
-    scaler = torch.amp.GradScaler("cuda")
+    return opt, torch.amp.GradScaler("cuda")
+
+
+def _train_step_ms(net: nn.Module, forward: Callable, xt, target, args: argparse.Namespace) -> float:
+    """Median ms of ``_train_step`` with nnU-Net's optimiser."""
+    opt, scaler = _nnunet_optimizer(net)
     return _time_cuda(lambda: _train_step(net, forward, opt, scaler, xt, target), max(5, args.iterations // 2),
                       args.warmup)
 
@@ -204,8 +209,7 @@ def profile_train_step(net: nn.Module, xt, target, args: argparse.Namespace, ste
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
-    scaler = torch.amp.GradScaler("cuda")
+    opt, scaler = _nnunet_optimizer(net)
     for _ in range(3):
         _train_step(net, net, opt, scaler, xt, target)
     torch.cuda.synchronize()

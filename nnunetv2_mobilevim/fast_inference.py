@@ -36,6 +36,13 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded
 
 
+def graph_key(x: Tensor, signature: Hashable = None) -> Tuple:
+    """What a captured CUDA graph is only valid for: the input's shape, dtype and device, the autocast
+    dtype (None without autocast) and a caller's ``signature`` (e.g. deep supervision on or off)."""
+    amp_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+    return tuple(x.shape), x.dtype, x.device, amp_dtype, signature
+
+
 class CUDAGraphRunner:
     """Calls an eval-mode CUDA module through one captured CUDA graph per input shape / dtype / autocast
     (and ``signature_fn()``, e.g. whether deep supervision is on).
@@ -52,14 +59,9 @@ class CUDAGraphRunner:
         self.autotune_cudnn = autotune_cudnn
         self._graphs: Dict[Tuple, Tuple[torch.cuda.CUDAGraph, Tensor, Any]] = {}
 
-    def _key(self, x: Tensor) -> Tuple:
-        amp = torch.is_autocast_enabled("cuda")
-        return (tuple(x.shape), x.dtype, x.device, amp, torch.get_autocast_dtype("cuda") if amp else None,
-                self.signature_fn())
-
     @torch.no_grad()
     def __call__(self, x: Tensor) -> Any:
-        key = self._key(x)
+        key = graph_key(x, self.signature_fn())
         if key not in self._graphs:
             with contextlib.nullcontext() if self.autotune_cudnn else _cudnn_heuristics():
                 self._graphs[key] = self._capture(x)

@@ -21,6 +21,8 @@ from typing import Any, Callable, Dict, Hashable, Tuple
 import torch
 from torch import Tensor, nn
 
+from .fast_inference import graph_key
+
 
 class _ForwardModule(nn.Module):
     """``forward_fn`` as a module whose parameters are ``module``'s (what make_graphed_callables graphs)."""
@@ -53,15 +55,10 @@ class TrainingGraphs:
         self.max_graphs, self.warmup, self.signature_fn = max_graphs, warmup, signature_fn
         self._graphed: Dict[Tuple, Callable[[Tensor], Any]] = {}
 
-    def _key(self, x: Tensor) -> Tuple:
-        amp = torch.is_autocast_enabled("cuda")
-        return (tuple(x.shape), x.dtype, x.device, torch.get_autocast_dtype("cuda") if amp else None,
-                self.signature_fn())
-
     def __call__(self, x: Tensor) -> Any:
         if not (x.is_cuda and torch.is_grad_enabled()):
             return self.forward_fn(x)
-        key = self._key(x)
+        key = graph_key(x, self.signature_fn())
         graphed = self._graphed.get(key)
         if graphed is None:
             if len(self._graphed) >= self.max_graphs:
@@ -91,9 +88,6 @@ class TrainingGraphs:
                 cudnn.flags(enabled=cudnn.enabled, benchmark=True, deterministic=cudnn.deterministic,
                             allow_tf32=cudnn.allow_tf32):
             return torch.cuda.make_graphed_callables(wrapper, (x.detach().clone(),), **options)
-
-    def clear(self) -> None:
-        self._graphed.clear()
 
     def __len__(self) -> int:
         return len(self._graphed)

@@ -8,7 +8,7 @@ is not. Imports happen on first use so that importing the package never needs th
 We call mamba-ssm's compiled kernel module ``selective_scan_cuda`` through a 30-line autograd
 function instead of ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``, deliberately:
 importing the latter runs mamba_ssm's package ``__init__`` (triton kernels, Mamba2/Mamba3, the language
-model), which took 4.3-5.0 s on an H100 machine, paid by every ``nnUNetv2_predict``. The arguments
+model), which took 4.3-7.2 s on an H100 machine, paid by every ``nnUNetv2_predict``. The arguments
 are those mamba-ssm's own ``SelectiveScanFn`` passes; ``tests/test_gpu_kernels.py`` checks that both
 give identical outputs and gradients.
 """
