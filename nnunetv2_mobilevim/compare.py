@@ -7,7 +7,8 @@ predict held-out cases and report per-class Dice, epoch time and peak GPU memory
 ``demo``: the embedded brain-extraction set (3 training volumes, held-out real person).
 ``shapes``: ``synthetic.py``'s multi-class set (ellipsoids, rare small spheres, thin tubes, shells).
 Every trainer trains fold ``all`` with the same number of epochs and iterations; prediction uses
-nnU-Net's CLI (mirroring on). torch.compile is off for all, except nnU-Net's own trainer with
+nnU-Net's CLI: ``checkpoint_final.pth`` with mirroring (``dice``), ``checkpoint_best.pth`` with and
+without it (``dice_best``, ``dice_best_no_tta``). torch.compile is off for all, except nnU-Net's own trainer with
 ``--baseline-compile`` (nnU-Net 2.8's default on a GPU; the MobileViM trainers replay CUDA graphs).
 """
 
@@ -112,16 +113,21 @@ def main() -> int:
         print(f"[compare] {args.dataset}: training {name} ({args.epochs} x {args.iterations})", flush=True)
         row = train_one(classes[name], dataset, args.epochs, args.iterations,
                         compile_network=args.baseline_compile and name == "nnUNetTrainer")
-        out = root / f"pred_{name}"
-        nnunet_run.predict(["-i", raw / "imagesTs", "-o", out, "-d", dataset_id, "-c", "3d_fullres", "-tr", name,
-                            "-f", "all", "-chk", "checkpoint_final.pth"])
-        row["dice"] = dice_per_class(out, raw / "labelsTs", labels)
-        row["dice_mean"] = float(np.mean(list(row["dice"].values())))
+        # the main figure: checkpoint_final with mirroring; then checkpoint_best with and without it
+        for key, checkpoint, extra in (("dice", "checkpoint_final.pth", []),
+                                       ("dice_best", "checkpoint_best.pth", []),
+                                       ("dice_best_no_tta", "checkpoint_best.pth", ["--disable_tta"])):
+            out = root / f"pred_{name}_{key}"
+            nnunet_run.predict(["-i", raw / "imagesTs", "-o", out, "-d", dataset_id, "-c", "3d_fullres", "-tr", name,
+                                "-f", "all", "-chk", checkpoint, *extra])
+            row[key] = dice_per_class(out, raw / "labelsTs", labels)
+            row[f"{key}_mean"] = float(np.mean(list(row[key].values())))
         result["rows"].append(row)
-        print(f"[compare] {name}: Dice {row['dice']} mean {row['dice_mean']:.4f}, epoch {row['epoch_seconds_median']:.1f} s, "
-              f"peak {row['peak_gpu_gb']:.2f} GB", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))  # after every trainer: a stopped run keeps what it has
+        print(f"[compare] {name}: Dice {row['dice']} mean {row['dice_mean']:.4f} (best checkpoint: "
+              f"{row['dice_best_mean']:.4f}, without mirroring {row['dice_best_no_tta_mean']:.4f}), "
+              f"epoch {row['epoch_seconds_median']:.2f} s, peak {row['peak_gpu_gb']:.2f} GB", flush=True)
     return 0
 
 

@@ -74,13 +74,18 @@ class CUDAGraphRunner:
         static_in = x.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph (lazy initialisation, workspace sizes)
-            for _ in range(self.warmup):
-                self.module(static_in)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = self.module(static_in)
+        # Autocast's weight-cast cache off: with it, the graph would read the half-precision copies
+        # cached in the caller's autocast region (freed when it ends, stale once weights change, as
+        # between nnU-Net's validation rounds) instead of casting the live weights at every replay.
+        amp = torch.is_autocast_enabled("cuda")
+        with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=amp, cache_enabled=False):
+            with torch.cuda.stream(side):  # warm-up outside the graph (lazy initialisation, workspace sizes)
+                for _ in range(self.warmup):
+                    self.module(static_in)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.module(static_in)
         return graph, static_in, static_out
 
 

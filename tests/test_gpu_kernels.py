@@ -162,6 +162,28 @@ def test_fast_inference_follows_loaded_weights(no_tf32):
     assert rel_err(first, expected) > 1e-2
 
 
+def test_fast_inference_under_autocast_follows_new_weights_across_autocast_regions():
+    """As nnU-Net validates and predicts: every call in an fp16 autocast region of its own, the weights
+    changed in between. The graph must cast the live weights each replay, not reuse autocast's cached
+    half-precision copies from the region it was captured in (freed when that region ends)."""
+    torch.manual_seed(0)
+    a = MobileViM(input_channels=1, num_classes=3, variant="xs", fast_inference=True).cuda().eval()
+    b = MobileViM(input_channels=1, num_classes=3, variant="xs").cuda().eval()
+    x = torch.randn(1, 1, 64, 64, 64, device="cuda")
+    with torch.no_grad():
+        with torch.autocast("cuda", dtype=torch.float16):
+            a(x)  # captures
+        torch.full((64, 2 ** 20), 7.0, device="cuda")  # reuses freed memory, as a training step would
+        a.load_state_dict(b.state_dict())
+        with torch.autocast("cuda", dtype=torch.float16):
+            second = a(x)
+        with torch.autocast("cuda", dtype=torch.float16):
+            expected = b(x)
+    assert a._runtime.fast is not None and len(a._runtime.fast[1]._graphs) == 1
+    report("fast inference after new weights, separate fp16 autocast regions", rel_err(second, expected))
+    assert rel_err(second, expected) < FP16_TOL
+
+
 @pytest.fixture
 def cudnn_autotune():
     """cuDNN autotuning on, as nnUNetv2_train runs: the graphed network autotunes while it captures,
@@ -186,7 +208,7 @@ def test_graphed_training_matches_eager_over_optimizer_steps(no_tf32, cudnn_auto
     eager = MobileViM(input_channels=1, num_classes=3, variant="xs", deep_supervision=True).cuda().train()
     eager.to(memory_format=layout)
     nets = (copy.deepcopy(eager).enable_cuda_graph_training(), eager, copy.deepcopy(eager))  # graphed first
-    optimizers = [torch.optim.SGD(n.parameters(), lr=1e-2, momentum=0.99, nesterov=True) for n in nets]
+    optimizers = [torch.optim.SGD(n.parameters(), lr=1e-2, momentum=0.99, nesterov=True, fused=True) for n in nets]
     first_step_tol = FP16_TOL if amp else 1e-2
     for step in range(3):
         x = torch.randn(2, 1, 64, 64, 64, device="cuda")
@@ -210,6 +232,37 @@ def test_graphed_training_matches_eager_over_optimizer_steps(no_tf32, cudnn_auto
             tol = first_step_tol if step == 0 else max(first_step_tol, 10 * errs["twin"][i])
             assert errs["graphed"][i] < tol, (step, i, errs)
     assert len(nets[0]._runtime.training_graphs) == 1  # captured once, replayed after
+    # BatchNorm running statistics: three updates each, none from the warm-up before capture
+    stats = [torch.cat([b.float().flatten() for b in n.buffers()]) for n in nets]
+    report("graphed vs eager BatchNorm running statistics after 3 steps", rel_err(stats[0], stats[1]))
+    assert rel_err(stats[0], stats[1]) < max(first_step_tol, 10 * rel_err(stats[2], stats[1]))
+    counts = [m.num_batches_tracked.item() for m in nets[0].modules() if isinstance(m, torch.nn.BatchNorm3d)]
+    assert counts and set(counts) == {3}
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_graphed_training_accumulates_gradients(no_tf32, set_to_none):
+    """Two backward passes without zeroing in between sum their gradients, as in eager PyTorch, also
+    when .grad still holds the graph's buffer from the step before."""
+    torch.manual_seed(0)
+    eager = MobileViM(input_channels=1, num_classes=2, variant="xs", deep_supervision=True).cuda().train()
+    graphed = copy.deepcopy(eager).enable_cuda_graph_training()
+    eager.to(memory_format=torch.channels_last_3d)
+    xs = [torch.randn(2, 1, 64, 64, 64, device="cuda") for _ in range(3)]  # 32^3 leaves BatchNorm 2 values
+
+    def grads_after(net, batches):
+        net.zero_grad(set_to_none=set_to_none)
+        for x in batches:
+            sum(o.float().square().mean() for o in net(x)).backward()
+        return torch.cat([p.grad.flatten() for p in net.parameters()])
+
+    grads_after(graphed, xs[:1])  # captures, and leaves .grad pointing at the graph's buffers
+    for batches in (xs[1:], xs[:1]):
+        expected, got = grads_after(eager, batches), grads_after(graphed, batches)
+        report(f"graphed vs eager accumulated gradients over {len(batches)} batch(es)", rel_err(got, expected))
+        assert rel_err(got, expected) < 1e-3
+        # each .grad in its parameter's layout (channels_last_3d weights), as fused optimisers require
+        assert all(p.grad.stride() == p.stride() for p in graphed.parameters())
 
 
 def test_our_kernel_wrapper_matches_mamba_ssms_own():

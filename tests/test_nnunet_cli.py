@@ -231,6 +231,12 @@ def test_trainer_recipes_initialise(workspace, name, optimizer):
     assert type(trainer.optimizer).__name__ == optimizer
     assert trainer.network.config.name == ("MobileViM_xs" if "_xs" in name else "MobileViM_s")
     assert not trainer.network.cuda_graph_training  # CUDA graphs only on a GPU
+    group = trainer.optimizer.param_groups[0]
+    if optimizer == "SGD":  # nnU-Net's own settings
+        assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.99, True, 3e-5)
+    else:
+        assert group["weight_decay"] == pytest.approx(0.03)
+    assert not group["fused"]  # the fused kernel only on GPUs
     start, end = (1e-3, 1e-5) if optimizer == "AdamW" else (1e-2, 0.0)
     trainer.lr_scheduler.step(0)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(start)

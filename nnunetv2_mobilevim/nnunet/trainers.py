@@ -12,7 +12,8 @@ What they change relative to ``nnUNetTrainer``:
 - torch.compile: off unless ``nnUNet_compile`` is set to true explicitly (nnU-Net 2.8 compiles by
   default on CUDA; the mamba-ssm kernels are opaque to the compiler, see docs/nnunet.md);
 - the training forward and backward are replayed from CUDA graphs on a single GPU (same outputs and
-  gradients; loss, GradScaler and optimiser stay nnU-Net's), see ``graphed_training.py``;
+  gradients; loss and GradScaler stay nnU-Net's), see ``graphed_training.py``, and the optimiser
+  runs its fused kernel (same update, fewer launches, no host sync);
 - a truncated or corrupt checkpoint gives an error that says what to do;
 - prediction (the network nnU-Net's predictor builds) runs BatchNorm-folded and replayed from a
   CUDA graph on GPUs: same logits, several times fewer kernel launches.
@@ -30,6 +31,7 @@ from typing import List
 
 import torch
 from torch.optim.lr_scheduler import _LRScheduler
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
@@ -57,7 +59,7 @@ def require_3d(configuration_manager: ConfigurationManager, configuration: str =
 
 class nnUNetTrainerMobileViM_SGD(nnUNetTrainer):
     """MobileViM_s with nnU-Net's own recipe (SGD, Nesterov 0.99, lr 1e-2, poly decay, weight decay
-    3e-5). The base of every MobileViM trainer: it adapts the network to nnU-Net."""
+    3e-5; fused kernel on GPUs). The base of every MobileViM trainer: it adapts the network to nnU-Net."""
 
     mobilevim_variant = "s"
 
@@ -94,6 +96,18 @@ class nnUNetTrainerMobileViM_SGD(nnUNetTrainer):
         flag = os.environ.get("NNUNETV2_MOBILEVIM_CUDA_GRAPHS", "1").lower()
         return (flag not in ("0", "false", "f", "no") and self.device.type == "cuda" and not self.is_ddp
                 and not self._do_i_compile())
+
+    def _fused(self) -> dict:
+        """The optimiser's fused kernel on GPUs: the same update as the per-tensor loop in a few launches,
+        and with GradScaler no host sync for the inf check (the scaler hands ``found_inf`` to the kernel),
+        so the update is queued behind the backward instead of waiting for it."""
+        return {"fused": True} if self.device.type == "cuda" else {}
+
+    def configure_optimizers(self):
+        # nnU-Net's configure_optimizers (SGD, momentum 0.99, Nesterov; poly schedule) plus the fused kernel
+        optimizer = torch.optim.SGD(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay,
+                                    momentum=0.99, nesterov=True, **self._fused())
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     def initialize(self):
         super().initialize()
@@ -163,7 +177,8 @@ class nnUNetTrainerMobileViM(nnUNetTrainerMobileViM_SGD):
         self.weight_decay = 3e-2
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay,
+                                      **self._fused())
         return optimizer, CosineLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
 

@@ -1,12 +1,14 @@
-"""Where an nnU-Net training iteration goes: data wait, train_step wall, GPU kernel time (shapes set)."""
+"""Where an nnU-Net training iteration goes: data wait, train_step wall, GPU kernel time (shapes set, 96^3).
+
+Run on the GPU machine from the repository root: python docs/benchmarks/tools/nnunet_step_profile.py
+(writes $OUT/step_profile.json). Trainers as nnUNetv2_train builds them, with their augmentation workers."""
 import json, os, sys, time
 from pathlib import Path
 import numpy as np
 import torch
 
 root = Path("/tmp/prof")
-os.environ.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"), nnUNet_results=str(root / "res"),
-                  nnUNet_compile="f")
+os.environ.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"), nnUNet_results=str(root / "res"))
 from nnunetv2_mobilevim.nnunet.registration import ext_trainer_dir
 os.environ["nnUNet_extTrainer"] = str(ext_trainer_dir())
 from nnunetv2_mobilevim.nnunet import run as nnunet_run
@@ -20,13 +22,15 @@ from torch.profiler import ProfilerActivity, profile
 
 out = {}
 torch.backends.cudnn.benchmark = True
-for name, graphs in [("nnUNetTrainer", "1"), ("nnUNetTrainerMobileViM", "1")]:
-    os.environ["NNUNETV2_MOBILEVIM_CUDA_GRAPHS"] = graphs
+entries = [("nnUNetTrainer", "f"), ("nnUNetTrainer", "t"), ("nnUNetTrainerMobileViM_SGD", "f"),
+           ("nnUNetTrainerMobileViM", "f")]
+for name, compile_flag in entries[int(sys.argv[1]) if len(sys.argv) > 1 else 0:]:
+    os.environ["nnUNet_compile"] = compile_flag  # read by initialize() in on_train_start
     cls = recursive_find_trainer_class_by_name(name)
     tr = nnunet_run.short_trainer(cls, SHAPES, 1, 50, torch.device("cuda"))
     tr.on_train_start()
     tr.network.train()
-    for _ in range(8):
+    for _ in range(8):  # cuDNN autotuning, graph capture or compilation
         tr.train_step(next(tr.dataloader_train))
     torch.cuda.synchronize()
     waits, steps = [], []
@@ -44,7 +48,7 @@ for name, graphs in [("nnUNetTrainer", "1"), ("nnUNetTrainerMobileViM", "1")]:
     gpu_ms = sum(e.self_device_time_total for e in cuda) / 5 / 1000
     top_cpu = sorted([e for e in ev if e.device_type.name == "CPU"], key=lambda e: e.cpu_time_total, reverse=True)[:15]
     top_gpu = sorted(cuda, key=lambda e: e.self_device_time_total, reverse=True)[:10]
-    key = f"{name} graphs={graphs}"
+    key = f"{name} compile={compile_flag}"
     out[key] = {"data_wait_ms": 1000 * float(np.median(waits)), "train_step_ms": 1000 * float(np.median(steps)),
                 "gpu_kernel_ms_per_step": gpu_ms, "kernels_per_step": sum(e.count for e in cuda) / 5,
                 "top_cpu": [(e.key[:60], round(e.cpu_time_total / 5 / 1000, 2), e.count // 5) for e in top_cpu],
