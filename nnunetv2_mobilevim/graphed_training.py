@@ -75,6 +75,7 @@ class _CapturedStep:
                               capture_error_mode="thread_local"):
             grads = torch.autograd.grad(flat, params, self.static_grad_outputs, allow_unused=True)
             self._lent = [(p, buf) for p, buf, g in zip(params, grad_buffers, grads) if g is not None]
+            # one multi-tensor copy (what torch's optimisers use), not a kernel per parameter
             torch._foreach_copy_([buf for _, buf in self._lent], [g for g in grads if g is not None])
         self.static_outputs = [o.detach() for o in flat]
 

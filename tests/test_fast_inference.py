@@ -65,3 +65,32 @@ def test_graph_training_flag_is_inert_on_the_cpu_and_copies_start_empty():
     assert copy.deepcopy(net)._runtime.training_graphs is None
     net.to("cpu")
     assert net._runtime.training_graphs is None  # moving the network drops what was captured
+
+
+def test_graphed_backward_puts_gradients_on_grad_and_accumulates():
+    """The gradient deposit of a replayed backward, on the CPU with the graph replaced by a function
+    that writes the next gradients into the step's buffers (the GPU test replays real graphs)."""
+    from nnunetv2_mobilevim.graphed_training import _CapturedStep
+
+    params = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))]
+    buffers = [torch.empty(3), torch.empty(2)]
+    incoming = iter([1.0, 10.0, 100.0])
+
+    class FakeGraph:
+        def replay(self):  # a backward whose gradient is the incoming scalar everywhere
+            value = next(incoming)
+            for buf in buffers:
+                buf.fill_(value)
+
+    step = _CapturedStep.__new__(_CapturedStep)  # skip capture: needs CUDA
+    step.static_grad_outputs, step.backward_graph = [torch.empty(1)], FakeGraph()
+    step._lent = list(zip(params, buffers))
+
+    step.backward([torch.ones(1)])  # .grad was None: it now refers to the step's buffer
+    assert all(p.grad is buf for p, buf in zip(params, buffers)) and params[0].grad[0] == 1.0
+    step.backward([torch.ones(1)])  # no zeroing in between: sums, and keeps the first value
+    assert torch.equal(params[0].grad, torch.full((3,), 11.0)) and params[0].grad is not buffers[0]
+    for p in params:
+        p.grad = None  # nnU-Net's zero_grad(set_to_none=True)
+    step.backward([torch.ones(1)])
+    assert torch.equal(params[1].grad, torch.full((2,), 100.0))
