@@ -113,6 +113,7 @@ def measure(name: str, args: argparse.Namespace) -> Dict:
     dev = torch.device("cuda")
     layout = torch.channels_last_3d if args.channels_last else torch.contiguous_format
     net = build(name, args.in_channels, args.classes, args.patch).to(dev, memory_format=layout)
+    ours = name.startswith("mobilevim")
     row: Dict = {"network": name, "params": sum(p.numel() for p in net.parameters())}
     net.eval()
     x = torch.randn(args.batch, args.in_channels, *args.patch, device=dev).to(memory_format=layout)
@@ -130,7 +131,6 @@ def measure(name: str, args: argparse.Namespace) -> Dict:
     if args.cuda_graphs:
         from .fast_inference import CUDAGraphRunner, fold_batchnorm
 
-        ours = name.startswith("mobilevim")
         # MobileViM as its fast path runs it; nnU-Net's networks with cuDNN autotuning, as nnU-Net runs them
         runner = CUDAGraphRunner(fold_batchnorm(net) if ours else net, autotune_cudnn=not ours)
         with torch.no_grad():
@@ -142,7 +142,7 @@ def measure(name: str, args: argparse.Namespace) -> Dict:
             with torch.autocast("cuda", dtype=torch.float16):
                 runner(x)
         row["fps_fp16_graph"] = 1000.0 * args.batch / _time_cuda(graphed, args.iterations, args.warmup)
-    if args.profile and name.startswith("mobilevim"):
+    if args.profile and ours:
         row["profile"] = profile_forward(net, x)
     if not args.no_train:
         net.train()
@@ -154,19 +154,19 @@ def measure(name: str, args: argparse.Namespace) -> Dict:
         if args.cuda_graphs:
             from .graphed_training import TrainingGraphs
 
-            if name.startswith("mobilevim"):  # what nnUNetTrainerMobileViM does: graphs + channels_last_3d
+            if ours:  # what nnUNetTrainerMobileViM does: graphs + channels_last_3d
                 forward = net.enable_cuda_graph_training()
             else:
                 forward = TrainingGraphs(net, net.forward)
             torch.cuda.reset_peak_memory_stats()
             row["train_step_ms_graph"] = _train_step_ms(net, forward, xt, target, args)
             row["train_peak_gb_graph"] = torch.cuda.max_memory_allocated() / 2 ** 30
-            if name.startswith("mobilevim"):
+            if ours:
                 net.cuda_graph_training = False
                 net.to(memory_format=layout)
-        if args.profile and name.startswith("mobilevim"):
+        if args.profile and ours:
             row["train_profile"] = profile_train_step(net, xt, target, args)
-        if args.compile and not name.startswith("mobilevim"):  # MobileViM trains through CUDA graphs instead
+        if args.compile and not ours:  # MobileViM trains through CUDA graphs instead
             start = time.perf_counter()
             compiled = torch.compile(net)
             row["train_step_ms_compiled"] = _train_step_ms(net, compiled, xt, target, args)

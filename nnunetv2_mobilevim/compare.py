@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -45,6 +45,24 @@ def dice_per_class(pred_dir: Path, ref_dir: Path, labels: Dict[str, int]) -> Dic
             total = r.sum() + p.sum()
             scores[name].append(float(2 * np.logical_and(r, p).sum() / total) if total else float("nan"))
     return {name: float(np.nanmean(v)) for name, v in scores.items()}
+
+
+def prepare_dataset(name: str, root: Path, processes: int = 8) -> Tuple[str, int, Path]:
+    """Write ``name`` ("demo" or "shapes") as an nnU-Net raw dataset under ``root/raw`` and plan and
+    preprocess it into ``nnUNet_preprocessed`` (skipped if already done); returns (dataset, id, raw folder)."""
+    from .demo import DATASET as DEMO, DATASET_ID as DEMO_ID, write_raw_dataset
+    from .synthetic import write_dataset
+
+    dataset, dataset_id = (DEMO, DEMO_ID) if name == "demo" else (SHAPES, SHAPES_ID)
+    raw = root / "raw" / dataset
+    if not (raw / "dataset.json").exists():
+        if name == "demo":
+            write_raw_dataset(root / "raw")
+        else:
+            write_dataset(raw, cases=20, test_cases=6, shape=(96, 96, 96), num_classes=4, seed=1)
+    if not (Path(os.environ["nnUNet_preprocessed"]) / dataset / "nnUNetPlans.json").exists():
+        nnunet_run.plan_and_preprocess(["-d", dataset_id, "-c", "3d_fullres", "-np", processes])
+    return dataset, dataset_id, raw
 
 
 def train_one(trainer_class: type, dataset: str, epochs: int, iterations: int, compile_network: bool) -> Dict:
@@ -85,20 +103,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    from .demo import DATASET as DEMO, DATASET_ID as DEMO_ID, write_raw_dataset
     from .nnunet.registration import ext_trainer_dir
-    from .synthetic import write_dataset
 
     root = (args.workdir or Path(tempfile.mkdtemp(prefix="mobilevim-compare-"))).resolve()
     os.environ.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
                       nnUNet_results=str(root / "res"), nnUNet_extTrainer=str(ext_trainer_dir()), nnUNet_compile="f")
-    if args.dataset == "demo":
-        dataset, dataset_id = DEMO, DEMO_ID
-        raw = write_raw_dataset(root / "raw")
-    else:
-        dataset, dataset_id = SHAPES, SHAPES_ID
-        raw = write_dataset(root / "raw" / SHAPES, cases=20, test_cases=6, shape=(96, 96, 96), num_classes=4, seed=1)
-    nnunet_run.plan_and_preprocess(["-d", dataset_id, "-c", "3d_fullres", "-np", "8"])
+    dataset, dataset_id, raw = prepare_dataset(args.dataset, root)
     labels = json.loads((raw / "dataset.json").read_text())["labels"]
     plans = json.loads((root / "pre" / dataset / "nnUNetPlans.json").read_text())["configurations"]["3d_fullres"]
     result = {"dataset": args.dataset, "epochs": args.epochs, "iterations_per_epoch": args.iterations,

@@ -43,6 +43,15 @@ def graph_key(x: Tensor, signature: Hashable = None) -> Tuple:
     return tuple(x.shape), x.dtype, x.device, amp_dtype, signature
 
 
+def uncached_autocast():
+    """The caller's CUDA autocast state (on/off, dtype) with autocast's weight-cast cache off, for
+    capturing CUDA graphs: with the cache, a graph would read the half-precision weight copies cached in
+    the caller's autocast region (freed when it ends, stale once weights change, as between nnU-Net's
+    validation rounds) instead of casting the live weights at every replay."""
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
+                          cache_enabled=False)
+
+
 class CUDAGraphRunner:
     """Calls an eval-mode CUDA module through one captured CUDA graph per input shape / dtype / autocast
     (and ``signature_fn()``, e.g. whether deep supervision is on).
@@ -74,11 +83,7 @@ class CUDAGraphRunner:
         static_in = x.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        # Autocast's weight-cast cache off: with it, the graph would read the half-precision copies
-        # cached in the caller's autocast region (freed when it ends, stale once weights change, as
-        # between nnU-Net's validation rounds) instead of casting the live weights at every replay.
-        amp = torch.is_autocast_enabled("cuda")
-        with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=amp, cache_enabled=False):
+        with uncached_autocast():
             with torch.cuda.stream(side):  # warm-up outside the graph (lazy initialisation, workspace sizes)
                 for _ in range(self.warmup):
                     self.module(static_in)

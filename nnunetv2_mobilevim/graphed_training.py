@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .fast_inference import graph_key
+from .fast_inference import graph_key, uncached_autocast
 
 
 class _CapturedStep:
@@ -156,16 +156,13 @@ class TrainingGraphs:
     def _capture(self, x: Tensor) -> _CapturedStep:
         params = [p for p in self.module.parameters() if p.requires_grad]
         buffers = list(self.module.buffers())
-        amp = torch.is_autocast_enabled("cuda")
         cudnn = torch.backends.cudnn
-        # Autocast's weight-cast cache would keep casts made during capture: off, so every replay
-        # casts the live weights. cuDNN autotunes while warming up for capture, whatever cudnn.benchmark
-        # says: for MobileViM's channels_last depthwise 3D convolutions its heuristics pick a
-        # weight-gradient kernel that launches ~13 times per convolution (measured in nnU-Net on an
-        # H100: 84 ms per step instead of ~20).
-        with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=amp, cache_enabled=False), \
-                cudnn.flags(enabled=cudnn.enabled, benchmark=True, deterministic=cudnn.deterministic,
-                            allow_tf32=cudnn.allow_tf32):
+        # Autocast's weight-cast cache off (see uncached_autocast). cuDNN autotunes while warming up for
+        # capture, whatever cudnn.benchmark says: for MobileViM's channels_last depthwise 3D convolutions
+        # its heuristics pick a weight-gradient kernel that launches ~13 times per convolution (measured
+        # in nnU-Net on an H100: 84 ms per step instead of ~20).
+        with uncached_autocast(), cudnn.flags(enabled=cudnn.enabled, benchmark=True,
+                                              deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32):
             return _CapturedStep(self.forward_fn, params, buffers, x, self.warmup)
 
     def __len__(self) -> int:

@@ -25,19 +25,11 @@ os.environ.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "
 
 import torch  # noqa: E402
 
-from nnunetv2_mobilevim.compare import SHAPES, SHAPES_ID  # noqa: E402
-from nnunetv2_mobilevim.demo import DATASET as DEMO, DATASET_ID as DEMO_ID, write_raw_dataset  # noqa: E402
+from nnunetv2_mobilevim.compare import prepare_dataset  # noqa: E402
 from nnunetv2_mobilevim.nnunet import run as nnunet_run  # noqa: E402
-from nnunetv2_mobilevim.synthetic import write_dataset  # noqa: E402
 
 torch.set_num_threads(1)
-dataset, dataset_id = (DEMO, DEMO_ID) if dataset_name == "demo" else (SHAPES, SHAPES_ID)
-if not (root / "pre" / dataset / "nnUNetPlans.json").exists():
-    if dataset_name == "demo":
-        write_raw_dataset(root / "raw")
-    elif not (root / "raw" / SHAPES / "dataset.json").exists():
-        write_dataset(root / "raw" / SHAPES, cases=20, test_cases=6, shape=(96, 96, 96), num_classes=4, seed=1)
-    nnunet_run.plan_and_preprocess(["-d", dataset_id, "-c", "3d_fullres", "-np", str(os.cpu_count() or 1)])
+dataset, _, _ = prepare_dataset(dataset_name, root, processes=os.cpu_count() or 1)
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # noqa: E402
 

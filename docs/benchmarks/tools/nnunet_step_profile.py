@@ -12,11 +12,8 @@ os.environ.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "
 from nnunetv2_mobilevim.nnunet.registration import ext_trainer_dir
 os.environ["nnUNet_extTrainer"] = str(ext_trainer_dir())
 from nnunetv2_mobilevim.nnunet import run as nnunet_run
-from nnunetv2_mobilevim.synthetic import write_dataset
-from nnunetv2_mobilevim.compare import SHAPES, SHAPES_ID
-if not (root / "pre" / SHAPES).exists():
-    write_dataset(root / "raw" / SHAPES, cases=20, test_cases=6, shape=(96, 96, 96), num_classes=4, seed=1)
-    nnunet_run.plan_and_preprocess(["-d", SHAPES_ID, "-c", "3d_fullres", "-np", "8"])
+from nnunetv2_mobilevim.compare import SHAPES, prepare_dataset
+prepare_dataset("shapes", root)
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from torch.profiler import ProfilerActivity, profile
 
