@@ -84,7 +84,7 @@ def train_one(trainer_class: type, dataset: str, epochs: int, iterations: int, c
     return {"trainer": trainer_name, "train_seconds": time.perf_counter() - start,
             "epoch_seconds_median": float(np.median(epoch_times[1:] or epoch_times)),
             "first_epoch_seconds": float(epoch_times[0]), "torch_compile": compile_network,
-            "cuda_graph_training": bool(getattr(trainer.network, "cuda_graph_training", False)),
+            "cuda_graph_training": getattr(trainer, "graphed_train_step", None) is not None,
             "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2 ** 30,
             "final_train_loss": float(log["train_losses"][-1]),
             "any_nan_loss": bool(any(not np.isfinite(x) for x in log["train_losses"])),

@@ -1,23 +1,28 @@
-"""Training forward and backward replayed from CUDA graphs; loss, GradScaler and optimiser stay eager.
+"""Training replayed from CUDA graphs, in two scopes:
+
+- ``TrainingGraphs``: the network's forward and backward (loss, GradScaler and optimiser stay eager),
+  for any training loop: ``MobileViM.enable_cuda_graph_training()``;
+- ``GraphedTrainStep``: a whole training step (forward, loss, backward, unscale, clipping, optimiser
+  update, GradScaler update) as one graph, for a loop whose step is known, as nnU-Net's is
+  (``nnUNetTrainerMobileViM``).
 
 MobileViM's training step is launch-bound: about 2,000 small kernels for forward and backward of a
 6 M-parameter network, so the host, not the GPU, sets the pace (more so while nnU-Net's augmentation
-workers compete for the CPU). We capture the forward and the backward of the network once per input
-signature and replay each as one launch.
+workers compete for the CPU). Capturing once per input signature and replaying removes that.
 
-Deliberately not ``torch.cuda.make_graphed_callables``, whose recipe this follows (warm-up on a side
-stream, backward graph in the forward graph's memory pool, static input/output buffers): it hands
-each parameter's gradient back through autograd, and the engine's per-parameter ``AccumulateGrad``
-then cost 7.7 ms of host time per step for MobileViM_s's 347 parameters inside nnU-Net (H100,
-docs/benchmarks/h100_nnunet_step_profile.json), more than the GPU work of the whole forward. Here
-the replayed backward deposits the gradients on ``.grad`` directly (a reference to the step's
-gradient buffer when ``.grad`` is None, as after nnU-Net's ``zero_grad(set_to_none=True)``; an
+``TrainingGraphs`` is deliberately not ``torch.cuda.make_graphed_callables``, whose recipe it follows
+(warm-up on a side stream, backward graph in the forward graph's memory pool, static input/output
+buffers): that hands each parameter's gradient back through autograd, and the engine's per-parameter
+``AccumulateGrad`` then cost 7.7 ms of host time per step for MobileViM_s's 347 parameters inside
+nnU-Net (H100, docs/benchmarks/h100_nnunet_step_profile.json), more than the GPU work of the whole
+forward. Here the replayed backward deposits the gradients on ``.grad`` directly (a reference to the
+step's gradient buffer when ``.grad`` is None, as after nnU-Net's ``zero_grad(set_to_none=True)``; an
 in-place add otherwise, so gradient accumulation still sums).
 
 Unchanged results: replay runs the captured kernels on the live parameters (the optimiser updates
 them in place); BatchNorm uses batch statistics and updates its running buffers exactly as the eager
-step does (the warm-up passes before capture leave them as they were). ``tests/test_gpu_kernels.py``
-checks outputs, gradients and running statistics against the eager step over several optimiser steps.
+step does (the warm-up passes before capture leave them as they were, or are real steps).
+``tests/test_gpu_kernels.py`` checks both scopes against the eager step over several optimiser steps.
 Not supported, by design: hooks on parameters (their gradients never pass through autograd; DDP
 needs them and keeps the eager step) and inputs that require gradients (those run eagerly).
 """
@@ -156,14 +161,132 @@ class TrainingGraphs:
     def _capture(self, x: Tensor) -> _CapturedStep:
         params = [p for p in self.module.parameters() if p.requires_grad]
         buffers = list(self.module.buffers())
-        cudnn = torch.backends.cudnn
-        # Autocast's weight-cast cache off (see uncached_autocast). cuDNN autotunes while warming up for
-        # capture, whatever cudnn.benchmark says: for MobileViM's channels_last depthwise 3D convolutions
-        # its heuristics pick a weight-gradient kernel that launches ~13 times per convolution (measured
-        # in nnU-Net on an H100: 84 ms per step instead of ~20).
-        with uncached_autocast(), cudnn.flags(enabled=cudnn.enabled, benchmark=True,
-                                              deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32):
+        with uncached_autocast(), _autotuned_cudnn():  # autocast's weight-cast cache off: see uncached_autocast
             return _CapturedStep(self.forward_fn, params, buffers, x, self.warmup)
 
     def __len__(self) -> int:
         return len(self._steps)
+
+
+def _autotuned_cudnn():
+    """cuDNN autotuning on while warming up for capture, whatever ``cudnn.benchmark`` says: for
+    MobileViM's channels_last depthwise 3D convolutions its heuristics pick a weight-gradient kernel
+    that launches ~13 times per convolution (measured in nnU-Net on an H100: 84 ms per step, not ~20)."""
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(enabled=cudnn.enabled, benchmark=True, deterministic=cudnn.deterministic,
+                       allow_tf32=cudnn.allow_tf32)
+
+
+class GraphedTrainStep:
+    """A whole training step replayed from one CUDA graph per input signature.
+
+        step = GraphedTrainStep(step_fn, optimizer)
+        loss = step(x, *targets)     # the effect of optimizer.zero_grad(set_to_none=True); step_fn(x, *targets)
+
+    ``step_fn(*inputs) -> Tensor`` is one complete step on CUDA tensors: forward, loss, backward, the
+    optimiser's update (with AMP also GradScaler's unscale/step/update); it returns the loss and must
+    not synchronise with the host (no ``.item()``, no ``.cpu()``; fused or capturable optimisers).
+
+    The first ``warmup`` calls of a signature (shapes, dtypes; at most ``max_graphs`` signatures, others
+    stay eager) run ``step_fn`` eagerly: real training steps, which also autotune cuDNN and create the
+    optimiser's and GradScaler's state. The next call captures and replays; from then on a call copies
+    the inputs into the graph's buffers and replays, and gradients stay in the graph's buffers (``.grad``
+    points at them). Learning rates are read from the optimisers' ``param_groups`` at every call, so
+    schedulers work unchanged: the graph reads each group's rate from a device tensor that a call
+    refreshes, while ``group["lr"]`` stays the float that schedulers and checkpoints expect.
+    State the graph holds by address must not be replaced after capture (``optimizer.load_state_dict``,
+    ``module.to(...)``): build a new ``GraphedTrainStep`` then.
+    """
+
+    def __init__(self, step_fn: Callable[..., Tensor], optimizers: Sequence[torch.optim.Optimizer],
+                 warmup: int = 3, max_graphs: int = 2) -> None:
+        self.step_fn, self.optimizers = step_fn, list(optimizers)
+        self.warmup, self.max_graphs = warmup, max_graphs
+        self._graphs: Dict[Tuple, Tuple[torch.cuda.CUDAGraph, List[Tensor], Tensor]] = {}
+        self._eager_calls: Dict[Tuple, int] = {}
+        self._stream: Optional[torch.cuda.Stream] = None
+        self._lr: List[Tuple[dict, Tensor, float]] = []  # (param group, device tensor, the value it holds)
+
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        key = tuple(graph_key(x) for x in inputs)
+        if key not in self._graphs:
+            calls = self._eager_calls.get(key, 0)
+            if calls < self.warmup or len(self._graphs) >= self.max_graphs:
+                self._eager_calls[key] = calls + 1
+                return self._eager(inputs)
+            try:
+                self._graphs[key] = self._capture(inputs)
+            except RuntimeError as err:
+                raise RuntimeError(
+                    f"capturing the training step as a CUDA graph failed ({err}). Set NNUNETV2_MOBILEVIM_CUDA_GRAPHS=0 "
+                    "to train with the eager step instead (same results, slower) and rerun the same command "
+                    "(add --c if checkpoints exist); please report this with your torch and CUDA versions.") from err
+        graph, static_inputs, static_loss = self._graphs[key]
+        for static, x in zip(static_inputs, inputs):
+            static.copy_(x, non_blocking=True)
+        for i, (group, lr, value) in enumerate(self._lr):
+            if group["lr"] != value:
+                lr.fill_(group["lr"])
+                self._lr[i] = (group, lr, group["lr"])
+        graph.replay()
+        return static_loss.clone()
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def _side_stream(self) -> torch.cuda.Stream:
+        # eager steps and captures on one stream: autograd warns and syncs when a backward runs on
+        # another stream than the one its leaves' gradient accumulators were made on
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return self._stream
+
+    def _zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+    def _eager(self, inputs: Sequence[Tensor]) -> Tensor:
+        inputs = [x.cuda(non_blocking=True) for x in inputs]
+        side = self._side_stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), _autotuned_cudnn():
+            self._zero_grad()
+            loss = self.step_fn(*inputs).detach()
+        torch.cuda.current_stream().wait_stream(side)
+        return loss
+
+    def _capture(self, inputs: Sequence[Tensor]) -> Tuple[torch.cuda.CUDAGraph, List[Tensor], Tensor]:
+        static_inputs = [torch.empty_like(x, device="cuda") for x in inputs]
+        side = self._side_stream()
+        side.wait_stream(torch.cuda.current_stream())
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        self._zero_grad()  # gradients are then allocated inside the graph: fixed addresses, rewritten each replay
+        saved = self._lr_as_tensors()
+        try:
+            # nnU-Net's pin-memory thread may use CUDA while we capture: only this thread is checked
+            with _autotuned_cudnn(), torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                static_loss = self.step_fn(*static_inputs).detach()
+        finally:
+            for group, (lr, capturable) in saved:
+                group["lr"] = lr
+                if capturable is not None:
+                    group["capturable"] = capturable
+        return graph, static_inputs, static_loss
+
+    def _lr_as_tensors(self) -> List[Tuple[dict, Tuple[float, Optional[bool]]]]:
+        """Give every param group a device-tensor learning rate (and ``capturable``, which Adam-type
+        optimisers require while a graph captures) for the capture; returns what to restore after."""
+        saved = []
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                saved.append((group, (group["lr"], group.get("capturable"))))
+                known = next((t for g, t, _ in self._lr if g is group), None)
+                if known is None:
+                    device = next(p.device for p in group["params"])
+                    known = torch.full((), float(group["lr"]), dtype=torch.float32, device=device)
+                    self._lr.append((group, known, group["lr"]))
+                group["lr"] = known
+                if "capturable" in group:
+                    group["capturable"] = True
+        return saved

@@ -230,7 +230,7 @@ def test_trainer_recipes_initialise(workspace, name, optimizer):
     trainer.initialize()
     assert type(trainer.optimizer).__name__ == optimizer
     assert trainer.network.config.name == ("MobileViM_xs" if "_xs" in name else "MobileViM_s")
-    assert not trainer.network.cuda_graph_training  # CUDA graphs only on a GPU
+    assert trainer.graphed_train_step is None  # CUDA graphs only on a GPU
     group = trainer.optimizer.param_groups[0]
     if optimizer == "SGD":  # nnU-Net's own settings
         assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.99, True, 3e-5)

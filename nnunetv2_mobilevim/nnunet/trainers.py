@@ -11,8 +11,8 @@ What they change relative to ``nnUNetTrainer``:
 - deep-supervision scales: taken from the network, so every output has a target of its size;
 - torch.compile: off unless ``nnUNet_compile`` is set to true explicitly (nnU-Net 2.8 compiles by
   default on CUDA; the mamba-ssm kernels are opaque to the compiler, see docs/nnunet.md);
-- the training forward and backward are replayed from CUDA graphs on a single GPU (same outputs and
-  gradients; loss and GradScaler stay nnU-Net's), see ``graphed_training.py``, and the optimiser
+- on a single GPU the whole training step (forward, nnU-Net's loss, GradScaler, clipping, optimiser
+  update) is replayed from one CUDA graph, see ``graphed_training.GraphedTrainStep``; the optimiser
   runs its fused kernel (same update, fewer launches, no host sync);
 - a truncated or corrupt checkpoint gives an error that says what to do;
 - prediction (the network nnU-Net's predictor builds) runs BatchNorm-folded and replayed from a
@@ -35,6 +35,7 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
+from ..graphed_training import GraphedTrainStep
 from ..network import NUM_DOWNSAMPLINGS, MobileViM, deep_supervision_scales
 from ..scan import resolve_backend
 
@@ -67,6 +68,7 @@ class nnUNetTrainerMobileViM_SGD(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         require_3d(self.configuration_manager, configuration)
+        self.graphed_train_step: GraphedTrainStep | None = None  # set by initialize() on a single GPU
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -112,8 +114,33 @@ class nnUNetTrainerMobileViM_SGD(nnUNetTrainer):
     def initialize(self):
         super().initialize()
         if self._use_cuda_graphs():
-            self.network.enable_cuda_graph_training()  # the optimiser keeps the same Parameter objects
+            # channels_last_3d: see MobileViM.enable_cuda_graph_training; the optimiser keeps the same Parameters
+            self.network.to(memory_format=torch.channels_last_3d)
             self.network.fast_inference = True  # validation: BatchNorm folded, replayed from a CUDA graph
+            self.graphed_train_step = GraphedTrainStep(self._train_step_on_gpu, [self.optimizer])
+
+    def train_step(self, batch: dict) -> dict:
+        if self.graphed_train_step is None:
+            return super().train_step(batch)
+        target = batch["target"]
+        loss = self.graphed_train_step(batch["data"], *(target if isinstance(target, list) else [target]))
+        return {"loss": loss.cpu().numpy()}
+
+    def _train_step_on_gpu(self, data: torch.Tensor, *target: torch.Tensor) -> torch.Tensor:
+        """nnU-Net 2.8's ``train_step`` from the forward to the scaler update, in its order and with its
+        arguments, for ``GraphedTrainStep`` (gradients start as None, as after nnU-Net's zero_grad).
+        Deliberately a copy of those eight lines, not a call: nnU-Net's step also copies the batch to the
+        GPU and reads the loss back to the host, which a CUDA graph cannot hold. ``data`` (B, C, D, H, W);
+        ``target`` one (B, 1, D', H', W') label map per deep-supervision output."""
+        with torch.autocast(self.device.type, enabled=True):
+            output = self.network(data)
+            loss = self.loss(output, list(target) if self.enable_deep_supervision else target[0])
+        self.grad_scaler.scale(loss).backward()
+        self.grad_scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+        return loss.detach()
 
     def on_train_start(self):
         super().on_train_start()
@@ -121,7 +148,7 @@ class nnUNetTrainerMobileViM_SGD(nnUNetTrainer):
         self.print_to_log_file(
             f"MobileViM_{self.mobilevim_variant}: strides {strides_from_plan(self.configuration_manager)}, "
             f"selective scan backend: {backend}, torch.compile: {self._do_i_compile()}, "
-            f"CUDA-graph training step: {self._use_cuda_graphs()}")
+            f"CUDA-graph training step: {self.graphed_train_step is not None}")
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         try:

@@ -1,7 +1,9 @@
-"""Where an nnU-Net training iteration goes: data wait, train_step wall, GPU kernel time (shapes set, 96^3).
+"""Where an nnU-Net training iteration goes: data wait, train_step wall, GPU kernel time.
 
-Run on the GPU machine from the repository root: python docs/benchmarks/tools/nnunet_step_profile.py
-(writes $OUT/step_profile.json). Trainers as nnUNetv2_train builds them, with their augmentation workers."""
+Run on the GPU machine from the repository root:
+    python docs/benchmarks/tools/nnunet_step_profile.py [shapes|demo] [TRAINER[:compile] ...]
+(default: shapes, nnU-Net's trainer eager and compiled, MobileViM_SGD, MobileViM; writes
+$OUT/step_profile_DATASET.json). Trainers as nnUNetv2_train builds them, with their augmentation workers."""
 import json, os, sys, time
 from pathlib import Path
 import numpy as np
@@ -12,19 +14,20 @@ os.environ.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "
 from nnunetv2_mobilevim.nnunet.registration import ext_trainer_dir
 os.environ["nnUNet_extTrainer"] = str(ext_trainer_dir())
 from nnunetv2_mobilevim.nnunet import run as nnunet_run
-from nnunetv2_mobilevim.compare import SHAPES, prepare_dataset
-prepare_dataset("shapes", root)
+from nnunetv2_mobilevim.compare import prepare_dataset
+dataset_name = sys.argv[1] if len(sys.argv) > 1 else "shapes"
+dataset, _, _ = prepare_dataset(dataset_name, root)
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from torch.profiler import ProfilerActivity, profile
 
 out = {}
 torch.backends.cudnn.benchmark = True
-entries = [("nnUNetTrainer", "f"), ("nnUNetTrainer", "t"), ("nnUNetTrainerMobileViM_SGD", "f"),
-           ("nnUNetTrainerMobileViM", "f")]
-for name, compile_flag in entries[int(sys.argv[1]) if len(sys.argv) > 1 else 0:]:
+entries = [(e.split(":")[0], "t" if e.endswith(":compile") else "f") for e in sys.argv[2:]] or [
+    ("nnUNetTrainer", "f"), ("nnUNetTrainer", "t"), ("nnUNetTrainerMobileViM_SGD", "f"), ("nnUNetTrainerMobileViM", "f")]
+for name, compile_flag in entries:
     os.environ["nnUNet_compile"] = compile_flag  # read by initialize() in on_train_start
     cls = recursive_find_trainer_class_by_name(name)
-    tr = nnunet_run.short_trainer(cls, SHAPES, 1, 50, torch.device("cuda"))
+    tr = nnunet_run.short_trainer(cls, dataset, 1, 50, torch.device("cuda"))
     tr.on_train_start()
     tr.network.train()
     for _ in range(8):  # cuDNN autotuning, graph capture or compilation
@@ -56,4 +59,4 @@ for name, compile_flag in entries[int(sys.argv[1]) if len(sys.argv) > 1 else 0:]
     for row in out[key]["top_gpu"]:
         print("   gpu", row)
     tr.on_train_end() if hasattr(tr, "dataloader_train") else None
-Path(os.environ.get("OUT", "/tmp")).joinpath("step_profile.json").write_text(json.dumps(out, indent=1))
+Path(os.environ.get("OUT", "/tmp")).joinpath(f"step_profile_{dataset_name}.json").write_text(json.dumps(out, indent=1))
