@@ -6,7 +6,8 @@ predict held-out cases and report per-class Dice, epoch time and peak GPU memory
 
 ``demo``: the embedded brain-extraction set (3 training volumes, held-out real person).
 ``shapes``: ``synthetic.py``'s multi-class set (ellipsoids, rare small spheres, thin tubes, shells).
-Every trainer trains fold ``all`` with the same number of epochs and iterations; prediction uses
+Every trainer trains fold ``all`` with the same number of epochs and iterations, each in a fresh
+Python process (``train_in_fresh_process``); prediction uses
 nnU-Net's CLI: ``checkpoint_final.pth`` with mirroring (``dice``), ``checkpoint_best.pth`` with and
 without it (``dice_best``, ``dice_best_no_tta``). torch.compile is off for all, except nnU-Net's own trainer with
 ``--baseline-compile`` (nnU-Net 2.8's default on a GPU; the MobileViM trainers replay CUDA graphs).
@@ -91,6 +92,25 @@ def train_one(trainer_class: type, dataset: str, epochs: int, iterations: int, c
             "params": sum(p.numel() for p in trainer.network.parameters())}
 
 
+def train_in_fresh_process(trainer_name: str, dataset: str, epochs: int, iterations: int,
+                           compile_network: bool) -> Dict:
+    """``train_one`` in a new Python process: a trainer that ran earlier in this process leaves threads
+    and CPU load behind (its data-loader threads, its compiled code), which slowed the next trainer's
+    augmentation by up to ~1.7x on the GPU machine (docs/results.md); and nnU-Net's trainer lookup
+    iterates ``sys.modules``, which races with such threads."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_train_by_name, trainer_name, dataset, epochs, iterations, compile_network).result()
+
+
+def _train_by_name(trainer_name: str, dataset: str, epochs: int, iterations: int, compile_network: bool) -> Dict:
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    return train_one(recursive_find_trainer_class_by_name(trainer_name), dataset, epochs, iterations, compile_network)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=["demo", "shapes"], required=True)
@@ -114,15 +134,10 @@ def main() -> int:
     result = {"dataset": args.dataset, "epochs": args.epochs, "iterations_per_epoch": args.iterations,
               "command": "python -m nnunetv2_mobilevim.compare " + " ".join(sys.argv[1:]),
               "patch": plans["patch_size"], "batch": plans["batch_size"], "rows": []}
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
-    # look every trainer up before any training: nnU-Net's lookup iterates sys.modules, which races
-    # with the data-loader threads a finished training may leave behind
-    classes = {name: recursive_find_trainer_class_by_name(name) for name in args.trainers}
     for name in args.trainers:
         print(f"[compare] {args.dataset}: training {name} ({args.epochs} x {args.iterations})", flush=True)
-        row = train_one(classes[name], dataset, args.epochs, args.iterations,
-                        compile_network=args.baseline_compile and name == "nnUNetTrainer")
+        row = train_in_fresh_process(name, dataset, args.epochs, args.iterations,
+                                     compile_network=args.baseline_compile and name == "nnUNetTrainer")
         # the main figure: checkpoint_final with mirroring; then checkpoint_best with and without it
         for key, checkpoint, extra in (("dice", "checkpoint_final.pth", []),
                                        ("dice_best", "checkpoint_best.pth", []),

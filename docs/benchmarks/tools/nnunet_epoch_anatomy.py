@@ -3,7 +3,7 @@ validation, and the rest; and how fast nnU-Net's data loader alone delivers batc
 
     python docs/benchmarks/tools/nnunet_epoch_anatomy.py demo|shapes EPOCHS ITERATIONS TRAINER[:compile] ...
 
-Each trainer runs nnU-Net's own ``run_training`` loop, one after the other in this process, as ``compare`` does
+Each trainer runs nnU-Net's own ``run_training`` loop in a fresh Python process, as ``compare`` does
 (fold ``all``, EPOCHS x ITERATIONS, a fifth as many validation iterations, its default augmentation
 workers); only timestamps are added around its hooks. ``TRAINER:compile`` trains with ``nnUNet_compile=t``. Before training, the loader
 alone is timed (100 batches after 20 warm-up batches, GPU idle): no network can make an epoch
@@ -109,6 +109,9 @@ def measure(entry, dataset, epochs, iterations):
 
 
 def main():
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     dataset_name, epochs, iterations, entries = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
     root = Path(tempfile.mkdtemp(prefix="anatomy-"))
     os.environ.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
@@ -122,7 +125,8 @@ def main():
               "command": "python docs/benchmarks/tools/nnunet_epoch_anatomy.py " + " ".join(sys.argv[1:]),
               "trainers": {}}
     for entry in entries:
-        summary = measure(entry, dataset, epochs, iterations)
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            summary = pool.submit(measure, entry, dataset, epochs, iterations).result()
         result["trainers"][entry] = summary
         print(entry, json.dumps(summary), flush=True)
     Path(os.environ.get("OUT", "/tmp")).joinpath(f"epoch_anatomy_{dataset_name}.json").write_text(
