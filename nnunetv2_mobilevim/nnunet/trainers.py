@@ -161,6 +161,9 @@ class nnUNetTrainerMobileViM_SGD(nnUNetTrainer):
                 "The file is truncated, corrupt, or from a different network. Nothing was changed. To resume from "
                 "an earlier state, move this file away and run again with --c (nnU-Net then falls back to "
                 "checkpoint_latest.pth or checkpoint_best.pth); to start over, run without --c.") from err
+        if self.graphed_train_step is not None and len(self.graphed_train_step):
+            # the optimiser's state tensors were replaced: a captured step would still update the old ones
+            self.graphed_train_step = GraphedTrainStep(self._train_step_on_gpu, [self.optimizer])
 
 
 class nnUNetTrainerMobileViM_xs_SGD(nnUNetTrainerMobileViM_SGD):
