@@ -94,15 +94,8 @@ def train_one(trainer_class: type, dataset: str, epochs: int, iterations: int, c
 
 def train_in_fresh_process(trainer_name: str, dataset: str, epochs: int, iterations: int,
                            compile_network: bool) -> Dict:
-    """``train_one`` in a new Python process: a trainer that ran earlier in this process leaves threads
-    and CPU load behind (its data-loader threads, its compiled code), which slowed the next trainer's
-    augmentation by up to ~1.7x on the GPU machine (docs/results.md); and nnU-Net's trainer lookup
-    iterates ``sys.modules``, which races with such threads."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_train_by_name, trainer_name, dataset, epochs, iterations, compile_network).result()
+    """``train_one`` for the trainer called ``trainer_name``, in a new Python process (``nnunet_run.in_fresh_process``)."""
+    return nnunet_run.in_fresh_process(_train_by_name, trainer_name, dataset, epochs, iterations, compile_network)
 
 
 def _train_by_name(trainer_name: str, dataset: str, epochs: int, iterations: int, compile_network: bool) -> Dict:

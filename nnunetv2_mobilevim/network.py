@@ -68,8 +68,9 @@ class MobileViM(nn.Module):
             from a CUDA graph (same logits, see ``fast_inference.py``). Off by default; the trainers
             turn it on for the networks nnU-Net's predictor builds and for validation.
         cuda_graph_training: in train mode on CUDA with gradients, replay forward and backward from
-            CUDA graphs captured per input shape (``graphed_training.py``; same outputs and gradients).
-            Off by default; the trainers turn it on for single-GPU training without torch.compile.
+            CUDA graphs captured per input shape (``graphed_training.py``; same outputs and gradients),
+            for training loops of your own. Off by default; the nnU-Net trainers replay their whole
+            step instead (``graphed_training.GraphedTrainStep``).
         **overrides: any :class:`MobileViMConfig` field, e.g. ``dual_direction=False`` (ablation).
 
     Forward: (B, input_channels, D, H, W) -> (B, num_classes, D, H, W), or a list of logits with deep

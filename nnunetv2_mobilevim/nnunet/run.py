@@ -4,7 +4,8 @@
   scripts (they need not be on PATH, e.g. with ``pip install --target``), and no race between
   nnU-Net's trainer lookup (it iterates ``sys.modules``) and the data-loader threads that a
   finished in-process training may leave behind.
-- a trainer built the way ``nnUNetv2_train`` builds it, with a short schedule, for in-process runs.
+- a trainer built the way ``nnUNetv2_train`` builds it, with a short schedule, for in-process runs;
+- such a run in a fresh Python process of its own.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 
 def _entry_point(module: str, function: str, args: Sequence, env: Optional[Mapping[str, str]],
@@ -54,3 +55,16 @@ def short_trainer(trainer_class: type, dataset: str, epochs: int, iterations: in
     trainer.num_iterations_per_epoch = iterations
     trainer.num_val_iterations_per_epoch = max(2, iterations // 5)
     return trainer
+
+
+def in_fresh_process(fn: Callable[..., Any], *args) -> Any:
+    """``fn(*args)`` in a new (spawned) Python process, for trainings that are compared: a training that
+    ran earlier in a process leaves threads and CPU load behind (its data-loader threads, compiled
+    code), which slowed the next trainer by up to ~1.7x on the GPU machine (docs/results.md, "Epoch
+    time"); and nnU-Net's trainer lookup iterates ``sys.modules``, which races with such threads.
+    ``fn`` and ``args`` must pickle (a module-level function)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()

@@ -117,7 +117,10 @@ class nnUNetTrainerMobileViM_SGD(nnUNetTrainer):
             # channels_last_3d: see MobileViM.enable_cuda_graph_training; the optimiser keeps the same Parameters
             self.network.to(memory_format=torch.channels_last_3d)
             self.network.fast_inference = True  # validation: BatchNorm folded, replayed from a CUDA graph
-            self.graphed_train_step = GraphedTrainStep(self._train_step_on_gpu, [self.optimizer])
+            self.graphed_train_step = self._new_graphed_step()
+
+    def _new_graphed_step(self) -> GraphedTrainStep:
+        return GraphedTrainStep(self._train_step_on_gpu, [self.optimizer])
 
     def train_step(self, batch: dict) -> dict:
         if self.graphed_train_step is None:
@@ -163,7 +166,7 @@ class nnUNetTrainerMobileViM_SGD(nnUNetTrainer):
                 "checkpoint_latest.pth or checkpoint_best.pth); to start over, run without --c.") from err
         if self.graphed_train_step is not None and len(self.graphed_train_step):
             # the optimiser's state tensors were replaced: a captured step would still update the old ones
-            self.graphed_train_step = GraphedTrainStep(self._train_step_on_gpu, [self.optimizer])
+            self.graphed_train_step = self._new_graphed_step()
 
 
 class nnUNetTrainerMobileViM_xs_SGD(nnUNetTrainerMobileViM_SGD):

@@ -109,15 +109,13 @@ def measure(entry, dataset, epochs, iterations):
 
 
 def main():
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     dataset_name, epochs, iterations, entries = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
     root = Path(tempfile.mkdtemp(prefix="anatomy-"))
     os.environ.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
                       nnUNet_results=str(root / "res"), nnUNet_compile="f")
     from nnunetv2_mobilevim.compare import prepare_dataset
     from nnunetv2_mobilevim.nnunet.registration import ext_trainer_dir
+    from nnunetv2_mobilevim.nnunet.run import in_fresh_process
 
     os.environ["nnUNet_extTrainer"] = str(ext_trainer_dir())
     dataset, _, _ = prepare_dataset(dataset_name, root, processes=os.cpu_count() or 1)
@@ -125,8 +123,7 @@ def main():
               "command": "python docs/benchmarks/tools/nnunet_epoch_anatomy.py " + " ".join(sys.argv[1:]),
               "trainers": {}}
     for entry in entries:
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            summary = pool.submit(measure, entry, dataset, epochs, iterations).result()
+        summary = in_fresh_process(measure, entry, dataset, epochs, iterations)
         result["trainers"][entry] = summary
         print(entry, json.dumps(summary), flush=True)
     Path(os.environ.get("OUT", "/tmp")).joinpath(f"epoch_anatomy_{dataset_name}.json").write_text(
