@@ -15,8 +15,8 @@ from typing import List
 from .nnunet.registration import ENV_VAR as EXT_VAR
 from .nnunet.registration import ext_trainer_dir, is_registered
 from .scan import ENV_VAR as SCAN_VAR
-from .scan import ScanBackendError, requested_backend, resolve_backend
-from .scan.mamba_ssm_scan import INSTALL_HINT, load_kernels, versions
+from .scan import ScanBackendError, conv_backend, requested_backend, resolve_backend
+from .scan.mamba_ssm_scan import load_causal_conv1d, load_scan_kernel
 
 PATH_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
@@ -63,18 +63,19 @@ def run_checks() -> dict:
     items.append(_item("nnunetv2", "ok" if good_nnunet else "fail", nnunet or "not installed",
                        "" if good_nnunet else "pip install 'nnunetv2>=2.8,<2.9' (2.8 added nnUNet_extTrainer)"))
 
-    kernel_versions = versions()
-    scan_fn, conv_fn, reason = load_kernels()
+    scan, conv = load_scan_kernel(), load_causal_conv1d()
     gpu_only = "" if cuda else " (only used on CUDA)"
-    mamba_found = (kernel_versions["mamba-ssm"] or "not installed") if scan_fn else (
-        reason if kernel_versions["mamba-ssm"] else "not installed")
-    items.append(_item("mamba-ssm", "ok" if scan_fn or not cuda else "warn", mamba_found + gpu_only,
-                       "" if scan_fn or not cuda else "the scan runs in PyTorch (exact, slower); " + INSTALL_HINT))
-    items.append(_item("causal-conv1d", "ok" if conv_fn or not cuda else "warn",
-                       (kernel_versions["causal-conv1d"] or "not installed") + gpu_only,
-                       "" if conv_fn or not cuda else INSTALL_HINT))
+    # found: the version when importable, else why not (not installed, or the import error itself)
+    items.append(_item("mamba-ssm", "ok" if scan.fn or not cuda else "warn",
+                       ((scan.version or "importable (version unknown)") if scan.fn else scan.problem) + gpu_only,
+                       "" if scan.fn or not cuda else f"the scan runs in PyTorch (exact, slower); {scan.fix}"))
+    items.append(_item("causal-conv1d", "ok" if conv.fn or not cuda else "warn",
+                       ((conv.version or "importable (version unknown)") if conv.fn else conv.problem) + gpu_only,
+                       "" if conv.fn or not cuda else f"the causal conv1d runs in PyTorch (exact, slower); {conv.fix}"))
     try:
-        backend = resolve_backend(is_cuda=cuda)
+        backend = resolve_backend(is_cuda=cuda, warn=False)
+        if backend == "mamba_ssm":
+            conv_backend(is_cuda=cuda, width=4, warn=False)  # the shipped configurations' d_conv
         where = "CUDA tensors" if cuda else "CPU tensors"
         items.append(_item("scan backend", "ok", f"{backend} for {where} ({SCAN_VAR}={requested_backend()})"))
     except ScanBackendError as err:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from typing import Any, Callable, Dict, Hashable, Tuple
 
 import torch
@@ -52,6 +53,16 @@ def uncached_autocast():
                           cache_enabled=False)
 
 
+class FastPathWarning(RuntimeWarning):
+    """A speed-up could not run and the exact slower path runs instead (results unchanged)."""
+
+
+def replay_possible(x: Tensor) -> bool:
+    """Whether ``x`` can go through a captured CUDA graph: CUDA tensors only. The CPU tests replace
+    this (and the capture) to run everything around the graph on a CPU."""
+    return x.is_cuda
+
+
 class CUDAGraphRunner:
     """Calls an eval-mode CUDA module through one captured CUDA graph per input shape / dtype / autocast
     (and ``signature_fn()``, e.g. whether deep supervision is on).
@@ -60,24 +71,49 @@ class CUDAGraphRunner:
     The module may return a tensor or a list/tuple of tensors; the runner returns copies.
     ``autotune_cudnn=False`` captures with cuDNN's heuristic algorithms (see ``_cudnn_heuristics``);
     True leaves ``torch.backends.cudnn.benchmark`` as it is.
+
+    Bounded: at most ``max_graphs`` graphs (each holds a memory pool as large as the forward's
+    activations); further signatures, and any signature whose capture failed, run the module eagerly
+    (the same logits, slower), which a ``FastPathWarning`` says once per runner and reason.
     """
 
     def __init__(self, module: nn.Module, warmup: int = 2, signature_fn: Callable[[], Hashable] = lambda: None,
-                 autotune_cudnn: bool = False) -> None:
+                 autotune_cudnn: bool = False, max_graphs: int = 4) -> None:
         self.module, self.warmup, self.signature_fn = module, warmup, signature_fn
-        self.autotune_cudnn = autotune_cudnn
-        self._graphs: Dict[Tuple, Tuple[torch.cuda.CUDAGraph, Tensor, Any]] = {}
+        self.autotune_cudnn, self.max_graphs = autotune_cudnn, max_graphs
+        self._graphs: Dict[Tuple, Tuple[Any, Tensor, Any]] = {}
+        self._eager: Dict[Tuple, str] = {}  # signatures that run eagerly, and why
+        self._told: set = set()
 
     @torch.no_grad()
     def __call__(self, x: Tensor) -> Any:
         key = graph_key(x, self.signature_fn())
-        if key not in self._graphs:
-            with contextlib.nullcontext() if self.autotune_cudnn else _cudnn_heuristics():
-                self._graphs[key] = self._capture(x)
+        if key not in self._graphs and key not in self._eager:
+            if len(self._graphs) >= self.max_graphs:
+                self._eager[key] = (f"more than {self.max_graphs} input signatures: the first {self.max_graphs} "
+                                    "run from CUDA graphs, the others eagerly")
+            else:
+                try:
+                    with contextlib.nullcontext() if self.autotune_cudnn else _cudnn_heuristics():
+                        self._graphs[key] = self._capture(x)
+                except RuntimeError as err:
+                    self._eager[key] = f"capturing a CUDA graph for input {tuple(x.shape)} failed ({err})"
+        if key in self._eager:
+            self._say_once(self._eager[key])
+            return self.module(x)
         graph, static_in, static_out = self._graphs[key]
         static_in.copy_(x)
         graph.replay()
         return tree_map(lambda t: t.clone(), static_out)
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def _say_once(self, reason: str) -> None:
+        if reason not in self._told:
+            self._told.add(reason)
+            warnings.warn(f"fast inference: {reason}; running the network without graph replay (same results, "
+                          "slower).", FastPathWarning, stacklevel=3)
 
     def _capture(self, x: Tensor) -> Tuple[torch.cuda.CUDAGraph, Tensor, Any]:
         static_in = x.clone()
@@ -89,7 +125,9 @@ class CUDAGraphRunner:
                     self.module(static_in)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # nnU-Net's pin-memory thread may use CUDA while we capture (validation runs during training):
+            # only this thread's calls may not disturb the capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 static_out = self.module(static_in)
         return graph, static_in, static_out
 

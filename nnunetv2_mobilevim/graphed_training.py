@@ -29,13 +29,14 @@ needs them and keeps the eager step) and inputs that require gradients (those ru
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+import warnings
+from typing import Any, Callable, Dict, Hashable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .fast_inference import graph_key, uncached_autocast
+from .fast_inference import FastPathWarning, graph_key, uncached_autocast
 
 
 class _CapturedStep:
@@ -138,6 +139,7 @@ class TrainingGraphs:
         self.max_graphs, self.warmup, self.signature_fn = max_graphs, warmup, signature_fn
         self._steps: Dict[Tuple, _CapturedStep] = {}
         self._anchor: Optional[Tensor] = None
+        self._eager_told: set = set()
 
     def __call__(self, x: Tensor) -> Any:
         if not (x.is_cuda and torch.is_grad_enabled()) or x.requires_grad:
@@ -146,6 +148,11 @@ class TrainingGraphs:
         step = self._steps.get(key)
         if step is None:
             if len(self._steps) >= self.max_graphs:
+                if key not in self._eager_told:
+                    self._eager_told.add(key)
+                    warnings.warn(f"graphed training: input {tuple(x.shape)} is signature {len(self._steps) + 1} "
+                                  f"and at most {self.max_graphs} are captured; it runs eagerly (same results, "
+                                  "slower).", FastPathWarning, stacklevel=2)
                 return self.forward_fn(x)
             try:
                 step = self._steps[key] = self._capture(x)
@@ -199,11 +206,14 @@ class GraphedTrainStep:
     """
 
     def __init__(self, step_fn: Callable[..., Tensor], optimizers: Sequence[torch.optim.Optimizer],
-                 warmup: int = 3, max_graphs: int = 2) -> None:
+                 warmup: int = 3, max_graphs: int = 2, log: Optional[Callable[[str], None]] = None) -> None:
         self.step_fn, self.optimizers = step_fn, list(optimizers)
         self.warmup, self.max_graphs = warmup, max_graphs
-        self._graphs: Dict[Tuple, Tuple[torch.cuda.CUDAGraph, List[Tensor], Tensor]] = {}
+        self.log = log or (lambda message: warnings.warn(message, FastPathWarning, stacklevel=3))
+        self._graphs: Dict[Tuple, _GraphedStep] = {}
         self._eager_calls: Dict[Tuple, int] = {}
+        self._said_eager = False
+        self._grads_of: Optional[Tuple] = None  # the signature whose gradient buffers .grad points at
         self._stream: Optional[torch.cuda.Stream] = None
         self._lr: List[Tuple[dict, Tensor, float]] = []  # (param group, device tensor, the value it holds)
 
@@ -211,8 +221,14 @@ class GraphedTrainStep:
         key = tuple(graph_key(x) for x in inputs)
         if key not in self._graphs:
             calls = self._eager_calls.get(key, 0)
+            if len(self._graphs) >= self.max_graphs and not self._said_eager:
+                self._said_eager = True
+                self.log(f"CUDA-graph training step: a batch of shape {[tuple(x.shape) for x in inputs]} is input "
+                         f"signature {len(self._graphs) + 1}, and at most {self.max_graphs} are captured; "
+                         "batches of further signatures train with the eager step (same updates, slower).")
             if calls < self.warmup or len(self._graphs) >= self.max_graphs:
                 self._eager_calls[key] = calls + 1
+                self._grads_of = None
                 return self._eager(inputs)
             try:
                 self._graphs[key] = self._capture(inputs)
@@ -221,15 +237,19 @@ class GraphedTrainStep:
                     f"capturing the training step as a CUDA graph failed ({err}). Set NNUNETV2_MOBILEVIM_CUDA_GRAPHS=0 "
                     "to train with the eager step instead (same results, slower) and rerun the same command "
                     "(add --c if checkpoints exist); please report this with your torch and CUDA versions.") from err
-        graph, static_inputs, static_loss = self._graphs[key]
-        for static, x in zip(static_inputs, inputs):
+        step = self._graphs[key]
+        for static, x in zip(step.inputs, inputs):
             static.copy_(x, non_blocking=True)
         for i, (group, lr, value) in enumerate(self._lr):
             if group["lr"] != value:
                 lr.fill_(group["lr"])
                 self._lr[i] = (group, lr, group["lr"])
-        graph.replay()
-        return static_loss.clone()
+        if self._grads_of != key:  # an eager step or another graph ran since: .grad points elsewhere
+            for p, g in step.grads:
+                p.grad = g
+            self._grads_of = key
+        step.graph.replay()
+        return step.loss.clone()
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -255,7 +275,7 @@ class GraphedTrainStep:
         torch.cuda.current_stream().wait_stream(side)
         return loss
 
-    def _capture(self, inputs: Sequence[Tensor]) -> Tuple[torch.cuda.CUDAGraph, List[Tensor], Tensor]:
+    def _capture(self, inputs: Sequence[Tensor]) -> "_GraphedStep":
         static_inputs = [torch.empty_like(x, device="cuda") for x in inputs]
         side = self._side_stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -272,7 +292,11 @@ class GraphedTrainStep:
                 group["lr"] = lr
                 if capturable is not None:
                     group["capturable"] = capturable
-        return graph, static_inputs, static_loss
+        # the gradients the graph writes (allocated during capture, fixed addresses): .grad shows them
+        grads = [(p, p.grad) for opt in self.optimizers for group in opt.param_groups for p in group["params"]
+                 if p.grad is not None]
+        self._grads_of = None
+        return _GraphedStep(graph, static_inputs, static_loss, grads)
 
     def _lr_as_tensors(self) -> List[Tuple[dict, Tuple[float, Optional[bool]]]]:
         """Give every param group a device-tensor learning rate (and ``capturable``, which Adam-type
@@ -290,3 +314,13 @@ class GraphedTrainStep:
                 if "capturable" in group:
                     group["capturable"] = True
         return saved
+
+
+class _GraphedStep(NamedTuple):
+    """One captured training step: the graph, its input buffers, its loss and the gradient buffers it
+    writes (``(parameter, gradient)`` pairs)."""
+
+    graph: "torch.cuda.CUDAGraph"
+    inputs: List[Tensor]
+    loss: Tensor
+    grads: List[Tuple[nn.Parameter, Tensor]]

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fast_inference as _replay
 from .config import MobileViMConfig, load_config
 from .layers.conv_blocks import ConvNormAct, MBConvDownsample, Stride, as_stride, prod_strides
 from .layers.decoder import MobileViMDecoder
@@ -112,19 +113,27 @@ class MobileViM(nn.Module):
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):
-        self._runtime.clear()  # .to() / .cuda() / .half() may replace the tensors the CUDA graphs captured
-        return super()._apply(fn, *args, **kwargs)
+        # .to() / .cuda() / .half() may replace the tensors the CUDA graphs captured; nnU-Net's predictor
+        # calls .to(device) for every case, which moves nothing and must keep them
+        before = self._tensor_identity()
+        result = super()._apply(fn, *args, **kwargs)
+        if self._tensor_identity() != before:
+            self._runtime.clear()
+        return result
+
+    def _tensor_identity(self) -> List[Tuple]:
+        """Address, dtype, device and layout of every parameter and buffer: what a captured graph reads."""
+        return [(t.data_ptr(), t.dtype, t.device, t.stride())
+                for t in (*self.parameters(), *self.buffers())]
 
     def _fast_forward(self, x: Tensor) -> Tensor:
-        from .fast_inference import CUDAGraphRunner, fold_batchnorm
-
         rt = self._runtime
         if rt.fast is None or rt.fast_stale:
-            folded = fold_batchnorm(self)  # deep copies start with an empty _RuntimeState
+            folded = _replay.fold_batchnorm(self)  # deep copies start with an empty _RuntimeState
             folded.fast_inference = False
             folded.to(memory_format=torch.contiguous_format)  # the faster layout for inference
             if rt.fast is None:
-                rt.fast = (folded, CUDAGraphRunner(folded, signature_fn=lambda: folded.decoder.deep_supervision))
+                rt.fast = (folded, _replay.CUDAGraphRunner(folded, signature_fn=lambda: folded.decoder.deep_supervision))
             else:  # copy into the captured copy's own tensors, so its CUDA graphs stay valid
                 rt.fast[0].load_state_dict(folded.state_dict())
             rt.fast_stale = False
@@ -170,7 +179,8 @@ class MobileViM(nn.Module):
                 f"each axis must be at least the total stride {list(need)} (ideally a multiple of it)")
 
     def forward(self, x: Tensor):
-        if (self.fast_inference and x.is_cuda and not self.training and not torch.is_grad_enabled()
+        if (self.fast_inference and _replay.replay_possible(x) and not self.training
+                and not torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()):  # under torch.compile the compiler owns the graph
             self._check_input(x)
             return self._fast_forward(x)

@@ -8,6 +8,10 @@ Each case is a noisy, smoothly shaded volume with labelled objects:
 Intensities of the classes overlap partly, so context matters. ``num_classes`` picks how many of
 these appear (1-4).
 
+Two variants exercise nnU-Net's label options: ``ignore_label=True`` (sparse annotation: training
+labels annotated on every third slice of the first axis only, the rest set to the ignore label) and
+``regions=True`` (BraTS-style nested regions: region k holds labels k..num_classes).
+
     python -m nnunetv2_mobilevim.synthetic OUT_FOLDER --cases 20 --test-cases 5 --shape 96 96 96
 """
 
@@ -74,11 +78,20 @@ def make_case(shape: Sequence[int], num_classes: int, rng: np.random.Generator) 
 
 def write_dataset(out: Path, cases: int = 10, test_cases: int = 2, shape: Sequence[int] = (48, 48, 48),
                   num_classes: int = 4, spacing: Sequence[float] = (1.0, 1.0, 1.0), seed: int = 0,
-                  channels: int = 1, test_shape: Sequence[int] = None) -> Path:
+                  channels: int = 1, test_shape: Sequence[int] = None, ignore_label: bool = False,
+                  regions: bool = False) -> Path:
     """Write imagesTr/labelsTr/imagesTs/labelsTs and dataset.json (NIfTI) into ``out``; test cases have
-    ``test_shape`` (default: ``shape``)."""
+    ``test_shape`` (default: ``shape``).
+
+    ``ignore_label``: dataset.json's labels get ``"ignore": num_classes + 1`` (nnU-Net wants the highest
+    value) and each training label map keeps its annotation on every third slice of the first axis
+    only (``ignore_label_mask``); test labels stay fully annotated. ``regions``: dataset.json declares
+    nested regions (region k = labels k..num_classes, BraTS-style) with ``regions_class_order`` 1..num_classes,
+    so nnU-Net trains on regions and writes predictions back as the same label values."""
     import SimpleITK as sitk
 
+    if regions and num_classes < 2:
+        raise ValueError(f"regions=True needs num_classes >= 2 (nested regions), got {num_classes}")
     rng = np.random.default_rng(seed)
     for folder in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (out / folder).mkdir(parents=True, exist_ok=True)
@@ -95,17 +108,42 @@ def write_dataset(out: Path, cases: int = 10, test_cases: int = 2, shape: Sequen
         for c in range(channels):
             channel = image if c == 0 else image * (1 + 0.5 * c) + rng.normal(0, 0.2, image.shape).astype(np.float32)
             save(channel, out / f"images{split}" / f"{name}_{c:04d}.nii.gz")
+        if ignore_label and split == "Tr":
+            label = np.where(ignore_label_mask(label.shape), np.uint8(num_classes + 1), label)
         save(label, out / f"labels{split}" / f"{name}.nii.gz")
+    labels = region_labels(num_classes) if regions else {n: i for i, n in enumerate(LABEL_NAMES[:num_classes + 1])}
     dataset = {
         "channel_names": {str(c): f"synthetic{c}" for c in range(channels)},
-        "labels": {n: i for i, n in enumerate(LABEL_NAMES[:num_classes + 1])},
+        "labels": labels,
         "numTraining": cases,
         "file_ending": ".nii.gz",
         "name": out.name,
         "description": "synthetic shapes from nnunetv2_mobilevim.synthetic",
     }
+    if ignore_label:
+        dataset["labels"]["ignore"] = num_classes + 1
+    if regions:
+        dataset["regions_class_order"] = list(range(1, num_classes + 1))
     (out / "dataset.json").write_text(json.dumps(dataset, indent=2))
     return out
+
+
+def ignore_label_mask(shape: Sequence[int]) -> np.ndarray:
+    """Bool array of ``shape``, True where a sparsely annotated training label is set to the ignore label:
+    everywhere except every third slice of the first axis (slices 0, 3, 6, ...)."""
+    ignored = np.ones(shape, dtype=bool)
+    ignored[::3] = False
+    return ignored
+
+
+def region_labels(num_classes: int) -> dict:
+    """dataset.json ``labels`` for nested regions, e.g. for 3 classes {"background": 0,
+    "labels_1_to_3": [1, 2, 3], "labels_2_to_3": [2, 3], "thin_tube": 3}."""
+    labels = {"background": 0}
+    for k in range(1, num_classes):
+        labels[f"labels_{k}_to_{num_classes}"] = list(range(k, num_classes + 1))
+    labels[LABEL_NAMES[num_classes]] = num_classes
+    return labels
 
 
 def main() -> None:
@@ -116,8 +154,12 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=[96, 96, 96])
     parser.add_argument("--classes", type=int, default=4, choices=[1, 2, 3, 4])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ignore-label", action="store_true",
+                        help="sparse training labels with nnU-Net's ignore label")
+    parser.add_argument("--regions", action="store_true", help="nested regions (region-based training)")
     args = parser.parse_args()
-    write_dataset(args.out, args.cases, args.test_cases, args.shape, args.classes, seed=args.seed)
+    write_dataset(args.out, args.cases, args.test_cases, args.shape, args.classes, seed=args.seed,
+                  ignore_label=args.ignore_label, regions=args.regions)
     print(f"wrote {args.cases} training and {args.test_cases} test cases to {args.out}")
 
 

@@ -61,7 +61,9 @@ def model_dir(root: Path) -> Path:
     return root / "results" / DATASET / MODEL
 
 
-def test_train_stop_and_continue_fold0(workspace):
+@pytest.fixture(scope="module")
+def trained_fold0(workspace):
+    """Fold 0 trained as a user whose run died would: killed once epoch 1 started, continued with --c."""
     env = nnunet_env(workspace)
     cmd = [str(BIN / "nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu"]
     fold = model_dir(workspace) / "fold_0"
@@ -76,10 +78,34 @@ def test_train_stop_and_continue_fold0(workspace):
                 break
     finally:
         proc.wait(timeout=120)
-    assert (fold / "checkpoint_latest.pth").is_file(), "".join(seen[-40:])
-    assert not (fold / "checkpoint_final.pth").exists()
-
+    stopped = {"latest": (fold / "checkpoint_latest.pth").is_file(), "final": (fold / "checkpoint_final.pth").exists(),
+               "output": "".join(seen[-40:])}
     run(["nnUNetv2_train", DATASET_ID, "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu", "--c"], env)
+    return fold, stopped
+
+
+@pytest.fixture(scope="module")
+def trained_fold_all(workspace):
+    run(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", TRAINER, "-device", "cpu"], nnunet_env(workspace))
+    return model_dir(workspace) / "fold_all"
+
+
+@pytest.fixture(scope="module")
+def predictions(workspace, trained_fold0):
+    """Fold 0's predictions of the test cases, with and without test-time mirroring, probabilities saved."""
+    env = nnunet_env(workspace)
+    images, out = workspace / "raw" / DATASET / "imagesTs", workspace / "pred"
+    for name, extra in [("tta", []), ("notta", ["--disable_tta", "-step_size", "0.8"])]:
+        run(["nnUNetv2_predict", "-i", images, "-o", out / name, "-d", DATASET_ID, "-c", "3d_fullres", "-tr", TRAINER,
+             "-f", "0", "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", "1", "-nps", "1",
+             "--save_probabilities", *extra], env)
+    return out
+
+
+def test_train_stop_and_continue_fold0(trained_fold0):
+    fold, stopped = trained_fold0
+    assert stopped["latest"], stopped["output"]
+    assert not stopped["final"]
     logs = sorted(fold.glob("training_log_*.txt"))
     resumed = logs[-1].read_text()
     assert "Epoch 1" in resumed and "Epoch 0\n" not in resumed, resumed  # continued, did not restart
@@ -89,25 +115,20 @@ def test_train_stop_and_continue_fold0(workspace):
     assert "foreground_mean" in summary and 0.0 <= summary["foreground_mean"]["Dice"] <= 1.0
 
 
-def test_validation_only_with_npz(workspace):
+def test_validation_only_with_npz(workspace, trained_fold0):
     run(["nnUNetv2_train", DATASET_ID, "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu", "--val", "--npz"],
         nnunet_env(workspace))
     npz = list((model_dir(workspace) / "fold_0" / "validation").glob("*.npz"))
     assert len(npz) == 2  # fold 0 of 6 cases validates 2
 
 
-def test_train_fold_all(workspace):
-    run(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", TRAINER, "-device", "cpu"], nnunet_env(workspace))
-    assert (model_dir(workspace) / "fold_all" / "checkpoint_final.pth").is_file()
+def test_train_fold_all(trained_fold_all):
+    assert (trained_fold_all / "checkpoint_final.pth").is_file()
 
 
-def test_predict_and_evaluate(workspace):
-    env = nnunet_env(workspace)
-    images, out = workspace / "raw" / DATASET / "imagesTs", workspace / "pred"
-    for name, extra in [("tta", []), ("notta", ["--disable_tta", "-step_size", "0.8"])]:
-        run(["nnUNetv2_predict", "-i", images, "-o", out / name, "-d", DATASET_ID, "-c", "3d_fullres", "-tr", TRAINER,
-             "-f", "0", "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", "1", "-nps", "1",
-             "--save_probabilities", *extra], env)
+def test_predict_and_evaluate(workspace, predictions):
+    env, out = nnunet_env(workspace), predictions
+    for name in ("tta", "notta"):
         assert len(list((out / name).glob("*.nii.gz"))) == 2
     labels = workspace / "raw" / DATASET / "labelsTs"
     run(["nnUNetv2_evaluate_folder", labels, out / "tta", "-djfile", out / "tta" / "dataset.json",
@@ -119,7 +140,7 @@ def test_predict_and_evaluate(workspace):
     assert len(list((out / "ensemble").glob("*.nii.gz"))) == 2
 
 
-def test_find_best_configuration_and_postprocessing(workspace):
+def test_find_best_configuration_and_postprocessing(workspace, trained_fold0, predictions):
     env = nnunet_env(workspace)
     run(["nnUNetv2_find_best_configuration", DATASET_ID, "-c", "3d_fullres", "-tr", TRAINER, "-f", "0",
          "--disable_ensembling", "-np", "1"], env)
@@ -127,7 +148,7 @@ def test_find_best_configuration_and_postprocessing(workspace):
     assert TRAINER in inference
     pp = model_dir(workspace) / "crossval_results_folds_0" / "postprocessing.pkl"
     assert pp.is_file()
-    src, dst = workspace / "pred" / "tta", workspace / "pred" / "pp"
+    src, dst = predictions / "tta", predictions / "pp"
     run(["nnUNetv2_apply_postprocessing", "-i", src, "-o", dst, "-pp_pkl_file", pp, "-np", "1",
          "-plans_json", model_dir(workspace) / "crossval_results_folds_0" / "plans.json"], env)
     assert len(list(dst.glob("*.nii.gz"))) == 2
@@ -179,7 +200,7 @@ def test_missing_nnunet_path_variables(workspace):
     assert check.returncode == 1 and "nnUNet_preprocessed" in check.stdout
 
 
-def test_wrong_number_of_input_channels_at_prediction(workspace):
+def test_wrong_number_of_input_channels_at_prediction(workspace, trained_fold0):
     """The model was trained on 2 channels; a folder with only _0000 files reaches the network, which says so.
     (With more channels than trained, nnU-Net's own preprocessing fails first: see docs/nnunet.md.)"""
     src = workspace / "raw" / DATASET / "imagesTs"
@@ -194,8 +215,8 @@ def test_wrong_number_of_input_channels_at_prediction(workspace):
     assert "built for 2 input channel(s), got 1" in res.stdout + res.stderr
 
 
-def test_truncated_checkpoint_is_reported_and_nothing_is_lost(workspace):
-    fold = model_dir(workspace) / "fold_all"
+def test_truncated_checkpoint_is_reported_and_nothing_is_lost(workspace, trained_fold_all):
+    fold = trained_fold_all
     final = fold / "checkpoint_final.pth"
     data = final.read_bytes()
     final.write_bytes(data[: len(data) // 3])
@@ -228,7 +249,8 @@ def test_trainer_recipes_initialise(workspace, name, optimizer):
     plans["continue_training"] = False
     trainer = cls(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
     trainer.initialize()
-    assert type(trainer.optimizer).__name__ == optimizer
+    from nnunetv2_mobilevim.nnunet import optim  # SGD: torch's, whose fused kernel survives skipped steps
+    assert type(trainer.optimizer) is {"AdamW": torch.optim.AdamW, "SGD": optim.SGD}[optimizer]
     assert trainer.network.config.name == ("MobileViM_xs" if "_xs" in name else "MobileViM_s")
     assert trainer.graphed_train_step is None  # CUDA graphs only on a GPU
     group = trainer.optimizer.param_groups[0]

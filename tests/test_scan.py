@@ -84,18 +84,29 @@ def test_causal_conv1d_is_causal():
     assert not torch.allclose(y[..., 7:11], y2[..., 7:11])
 
 
-def test_backend_selection(monkeypatch):
-    monkeypatch.setenv(scan.ENV_VAR, "torch")
+@pytest.fixture
+def set_scan_env(monkeypatch):
+    """Set NNUNETV2_MOBILEVIM_SCAN and make the package read it again (it reads it once per process)."""
+    def set_env(value):
+        monkeypatch.setenv(scan.ENV_VAR, value)
+        scan.reset_backend_state()
+    yield set_env
+    monkeypatch.undo()
+    scan.reset_backend_state()  # later tests read the real environment again
+
+
+def test_backend_selection(set_scan_env):
+    set_scan_env("torch")
     assert resolve_backend(is_cuda=True) == "torch"
-    monkeypatch.setenv(scan.ENV_VAR, "auto")
+    set_scan_env("auto")
     assert resolve_backend(is_cuda=False) == "torch"
-    monkeypatch.setenv(scan.ENV_VAR, "bogus")
+    set_scan_env("bogus")
     with pytest.raises(ScanBackendError, match="NNUNETV2_MOBILEVIM_SCAN"):
         resolve_backend(is_cuda=False)
 
 
-def test_explicit_kernel_request_never_falls_back(monkeypatch):
-    monkeypatch.setenv(scan.ENV_VAR, "mamba_ssm")
+def test_explicit_kernel_request_never_falls_back(set_scan_env):
+    set_scan_env("mamba_ssm")
     with pytest.raises(ScanBackendError) as info:
         resolve_backend(is_cuda=False)
     message = str(info.value)

@@ -13,8 +13,12 @@ What they change relative to ``nnUNetTrainer``:
   default on CUDA; the mamba-ssm kernels are opaque to the compiler, see docs/nnunet.md);
 - on a single GPU the whole training step (forward, nnU-Net's loss, GradScaler, clipping, optimiser
   update) is replayed from one CUDA graph, see ``graphed_training.GraphedTrainStep``; the optimiser
-  runs its fused kernel (same update, fewer launches, no host sync);
-- a truncated or corrupt checkpoint gives an error that says what to do;
+  runs its fused kernel (same update, fewer launches, no host sync; ``optim.SGD`` keeps it exact after
+  GradScaler's skipped steps); with an ignore label the loss is ``losses.IgnoreLabelDC_and_CE_loss``
+  (nnU-Net's value, no host sync); ``NNUNETV2_MOBILEVIM_CUDA_GRAPHS=0`` turns every graph off;
+- checkpoints are portable between every mode (graphed, eager, DDP, compiled, CPU; fused or not):
+  contiguous on disk, re-laid-out for the reader on load (``optim.portable_checkpoints``);
+- a checkpoint that is missing, unreadable, or does not fit gives an error that says which and what to do;
 - prediction (the network nnU-Net's predictor builds) runs BatchNorm-folded and replayed from a
   CUDA graph on GPUs: same logits, several times fewer kernel launches.
 The recipe: AdamW (lr 1e-3, weight decay 0.03) with a cosine schedule, the paper's optimiser family,
@@ -25,8 +29,10 @@ trainers keep nnU-Net's optimiser and schedule unchanged.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+from contextlib import nullcontext
 from typing import List
 
 import torch
@@ -37,9 +43,17 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from ..graphed_training import GraphedTrainStep
 from ..network import NUM_DOWNSAMPLINGS, MobileViM, deep_supervision_scales
-from ..scan import resolve_backend
+from ..scan import describe_backend, resolve_backend
+from .optim import CHECKPOINT_KEYS, SGD, checkpoint_mismatch, contiguous_state_dict, portable_checkpoints
 
 THREE_D_CONFIGURATIONS = ("3d_fullres", "3d_lowres", "3d_cascade_fullres")
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_graphs_enabled() -> bool:
+    """``NNUNETV2_MOBILEVIM_CUDA_GRAPHS`` (read once per process): 0/false/no turns every CUDA-graph
+    replay off, in training (the step, validation) and in prediction."""
+    return os.environ.get("NNUNETV2_MOBILEVIM_CUDA_GRAPHS", "1").strip().lower() not in ("0", "false", "f", "no")
 
 
 def strides_from_plan(configuration_manager: ConfigurationManager) -> List[List[int]]:
@@ -79,7 +93,8 @@ class nnUNetTrainerMobileViM_SGD(nnUNetTrainer):
         # BatchNorm-folded, CUDA-graph-replayed forward (same logits; only active in eval on CUDA).
         network = MobileViM(input_channels=num_input_channels, num_classes=num_output_channels,
                             variant=cls.mobilevim_variant, strides=strides_from_plan(configuration_manager),
-                            deep_supervision=enable_deep_supervision, fast_inference=not enable_deep_supervision)
+                            deep_supervision=enable_deep_supervision,
+                            fast_inference=not enable_deep_supervision and cuda_graphs_enabled())
         network.check_input_size(configuration_manager.patch_size)
         return network
 
@@ -88,6 +103,27 @@ class nnUNetTrainerMobileViM_SGD(nnUNetTrainer):
             return None
         return deep_supervision_scales(strides_from_plan(self.configuration_manager))
 
+    def _build_loss(self):
+        """nnU-Net's loss (deep-supervision wrapper and weights included), except that with an ignore label
+        and no regions its Dice + CE becomes ``losses.IgnoreLabelDC_and_CE_loss``: the same value and
+        gradients without the host sync that a CUDA graph cannot capture. Region losses have none."""
+        from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+        from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+
+        from .losses import IgnoreLabelDC_and_CE_loss
+
+        loss = super()._build_loss()
+        wrapped = isinstance(loss, DeepSupervisionWrapper)
+        inner = loss.loss if wrapped else loss
+        # exactly nnU-Net's class: a trainer that builds its own loss keeps it
+        if type(inner) is DC_and_CE_loss and inner.ignore_label is not None:
+            inner = IgnoreLabelDC_and_CE_loss.from_nnunet(inner)
+            if wrapped:
+                loss.loss = inner
+            else:
+                loss = inner
+        return loss
+
     def _do_i_compile(self) -> bool:
         flag = os.environ.get("nnUNet_compile", "").lower()
         return flag in ("true", "1", "t") and self.device.type == "cuda"
@@ -95,9 +131,7 @@ class nnUNetTrainerMobileViM_SGD(nnUNetTrainer):
     def _use_cuda_graphs(self) -> bool:
         """Graph the training step on one GPU without torch.compile (DDP brings SyncBatchNorm and
         gradient hooks, the compiler its own graphs); ``NNUNETV2_MOBILEVIM_CUDA_GRAPHS=0`` turns it off."""
-        flag = os.environ.get("NNUNETV2_MOBILEVIM_CUDA_GRAPHS", "1").lower()
-        return (flag not in ("0", "false", "f", "no") and self.device.type == "cuda" and not self.is_ddp
-                and not self._do_i_compile())
+        return cuda_graphs_enabled() and self.device.type == "cuda" and not self.is_ddp and not self._do_i_compile()
 
     def _fused(self) -> dict:
         """The optimiser's fused kernel on GPUs: the same update as the per-tensor loop in a few launches,
@@ -106,9 +140,11 @@ class nnUNetTrainerMobileViM_SGD(nnUNetTrainer):
         return {"fused": True} if self.device.type == "cuda" else {}
 
     def configure_optimizers(self):
-        # nnU-Net's configure_optimizers (SGD, momentum 0.99, Nesterov; poly schedule) plus the fused kernel
-        optimizer = torch.optim.SGD(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay,
-                                    momentum=0.99, nesterov=True, **self._fused())
+        # nnU-Net's configure_optimizers (SGD, momentum 0.99, Nesterov; poly schedule) plus the fused kernel;
+        # optim.SGD: torch's, with a fused kernel that survives GradScaler's skipped steps;
+        # portable_checkpoints: checkpoints continue in every mode (layouts, fused or not, CPU or GPU)
+        optimizer = portable_checkpoints(SGD(self.network.parameters(), self.initial_lr, momentum=0.99,
+                                             weight_decay=self.weight_decay, nesterov=True, **self._fused()))
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     def initialize(self):
@@ -120,7 +156,7 @@ class nnUNetTrainerMobileViM_SGD(nnUNetTrainer):
             self.graphed_train_step = self._new_graphed_step()
 
     def _new_graphed_step(self) -> GraphedTrainStep:
-        return GraphedTrainStep(self._train_step_on_gpu, [self.optimizer])
+        return GraphedTrainStep(self._train_step_on_device, [self.optimizer], log=self.print_to_log_file)
 
     def train_step(self, batch: dict) -> dict:
         if self.graphed_train_step is None:
@@ -129,41 +165,91 @@ class nnUNetTrainerMobileViM_SGD(nnUNetTrainer):
         loss = self.graphed_train_step(batch["data"], *(target if isinstance(target, list) else [target]))
         return {"loss": loss.cpu().numpy()}
 
-    def _train_step_on_gpu(self, data: torch.Tensor, *target: torch.Tensor) -> torch.Tensor:
-        """nnU-Net 2.8's ``train_step`` from the forward to the scaler update, in its order and with its
-        arguments, for ``GraphedTrainStep`` (gradients start as None, as after nnU-Net's zero_grad).
-        Deliberately a copy of those eight lines, not a call: nnU-Net's step also copies the batch to the
-        GPU and reads the loss back to the host, which a CUDA graph cannot hold. ``data`` (B, C, D, H, W);
-        ``target`` one (B, 1, D', H', W') label map per deep-supervision output."""
-        with torch.autocast(self.device.type, enabled=True):
+    def _train_step_on_device(self, data: torch.Tensor, *target: torch.Tensor) -> torch.Tensor:
+        """nnU-Net 2.8's ``train_step`` from the forward to the optimiser step, in its order and with its
+        arguments, on tensors already on the device, for ``GraphedTrainStep`` (gradients start as None, as
+        after nnU-Net's zero_grad). Deliberately a copy of those lines, not a call: nnU-Net's step also
+        copies the batch to the GPU and reads the loss back to the host, which a CUDA graph cannot hold.
+        ``data`` (B, C, D, H, W); ``target`` one (B, 1 or regions, D', H', W') map per deep-supervision
+        output. Runs on any device (the CPU tests compare it with nnU-Net's step)."""
+        with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else nullcontext():
             output = self.network(data)
             loss = self.loss(output, list(target) if self.enable_deep_supervision else target[0])
-        self.grad_scaler.scale(loss).backward()
-        self.grad_scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-        self.grad_scaler.step(self.optimizer)
-        self.grad_scaler.update()
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
         return loss.detach()
 
     def on_train_start(self):
         super().on_train_start()
-        backend = resolve_backend(self.device.type == "cuda")
+        on_cuda = self.device.type == "cuda"
         self.print_to_log_file(
             f"MobileViM_{self.mobilevim_variant}: strides {strides_from_plan(self.configuration_manager)}, "
-            f"selective scan backend: {backend}, torch.compile: {self._do_i_compile()}, "
-            f"CUDA-graph training step: {self.graphed_train_step is not None}")
+            f"selective scan backend: {resolve_backend(on_cuda)}, torch.compile: {self._do_i_compile()}, "
+            f"CUDA-graph training step: {self.graphed_train_step is not None}\n{describe_backend(on_cuda)}")
+
+    def save_checkpoint(self, filename: str) -> None:
+        # one layout on disk: the network's weights contiguous (the optimiser's state: portable_checkpoints)
+        network = self.network.module if self.is_ddp else self.network
+        with contiguous_state_dict(getattr(network, "_orig_mod", network)):  # the module nnU-Net saves
+            super().save_checkpoint(filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """nnU-Net's load_checkpoint, with errors that say which of three things happened and what to do:
+        the file is missing; it cannot be read (truncated, corrupt, not a checkpoint); or it is a readable
+        checkpoint that does not fit this trainer (naming what differs). The file is never modified."""
+        path = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else None
+        source = f"the checkpoint {path}" if path is not None else "the checkpoint (given as a dict)"
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{source} does not exist. Check the path; with --c nnU-Net itself looks for checkpoint_final.pth, "
+                "then checkpoint_latest.pth, then checkpoint_best.pth in the fold's folder.")
+        unreadable = ("The file is truncated, corrupt, or not a checkpoint; it was not modified. To resume from an "
+                      "earlier state, move this file away and run again with --c (nnU-Net then falls back to "
+                      "checkpoint_latest.pth or checkpoint_best.pth); to start over, run without --c.")
+        checkpoint = filename_or_checkpoint
+        if path is not None:
+            try:
+                checkpoint = torch.load(path, map_location=self.device, weights_only=False)  # as nnU-Net loads it
+            except Exception as err:  # truncated zip, unpickling error, ...: torch raises many kinds
+                raise RuntimeError(f"could not read {source}: {type(err).__name__}: {err}\n{unreadable}") from err
+        lacking = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+        if lacking:
+            raise RuntimeError(f"{source} is readable but not an nnU-Net checkpoint (it lacks {', '.join(lacking)}).\n"
+                               f"{unreadable}")
+        if not self.was_initialized:
+            self.initialize()
+        network = self.network.module if self.is_ddp else self.network
+        network = getattr(network, "_orig_mod", network)
+        problems = checkpoint_mismatch(checkpoint, network, self.optimizer)
+        writer = checkpoint.get("trainer_name", "an unknown trainer")
+        configuration = (checkpoint["init_args"] or {}).get("configuration", "?")
+        network_name = getattr(getattr(network, "config", None), "name", type(network).__name__)
+        what = f"{self.__class__.__name__} (network {network_name}, optimizer {type(self.optimizer).__name__})"
+        advice = (f"It was written by {writer} ({configuration}); the file was not modified. "
+                  + (f"Continue it with -tr {writer}, or, to " if writer != self.__class__.__name__ else
+                     "The same trainer wrote it, with other plans or another version of this package. To ")
+                  + f"train {self.__class__.__name__} from scratch, run without --c (copy the file elsewhere first "
+                  "if you want to keep it: the new run's checkpoints replace it).")
+        if problems:
+            raise RuntimeError(f"{source} does not fit this trainer, {what}:\n  - " + "\n  - ".join(problems)
+                               + f"\n{advice}")
         try:
+            # nnU-Net 2.8's load_checkpoint works from a path only (given a dict, its `checkpoint` stays
+            # unbound), so it reads the file a second time
             super().load_checkpoint(filename_or_checkpoint)
-        except (RuntimeError, EOFError, OSError, KeyError, ValueError) as err:
-            if not isinstance(filename_or_checkpoint, str):
+        except Exception as err:
+            if path is None:
                 raise
-            raise RuntimeError(
-                f"could not load the checkpoint {filename_or_checkpoint}: {type(err).__name__}: {err}\n"
-                "The file is truncated, corrupt, or from a different network. Nothing was changed. To resume from "
-                "an earlier state, move this file away and run again with --c (nnU-Net then falls back to "
-                "checkpoint_latest.pth or checkpoint_best.pth); to start over, run without --c.") from err
+            raise RuntimeError(f"{source} does not fit this trainer, {what}: {type(err).__name__}: {err}\n"
+                               f"{advice}") from err
         if self.graphed_train_step is not None and len(self.graphed_train_step):
             # the optimiser's state tensors were replaced: a captured step would still update the old ones
             self.graphed_train_step = self._new_graphed_step()
@@ -210,8 +296,9 @@ class nnUNetTrainerMobileViM(nnUNetTrainerMobileViM_SGD):
         self.weight_decay = 3e-2
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay,
-                                      **self._fused())
+        # fused AdamW creates its state before the kernel and undoes the step count of a skipped step itself
+        optimizer = portable_checkpoints(torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr,
+                                                           weight_decay=self.weight_decay, **self._fused()))
         return optimizer, CosineLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
 

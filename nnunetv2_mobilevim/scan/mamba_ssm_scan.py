@@ -16,7 +16,7 @@ give identical outputs and gradients.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -55,28 +55,74 @@ def _scan_with(kernel) -> Callable:
     return selective_scan_fn
 
 
+class KernelImport(NamedTuple):
+    """The outcome of importing one kernel package: its function, or what went wrong and what to do."""
+
+    fn: Optional[Callable]
+    version: Optional[str]  # the installed distribution's version; None when not installed
+    problem: str  # "" when ``fn`` can be called
+    fix: str  # "" when ``fn`` can be called
+
+
+def _installed_version(dist: str) -> Optional[str]:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _import_failure(dist: str, module: str, force_build_var: str, err: Exception) -> KernelImport:
+    """Tell "not installed" from "installed but broken" (an ABI mismatch is the usual cause)."""
+    version = _installed_version(dist)
+    if version is None and isinstance(err, ModuleNotFoundError) and err.name == module:
+        return KernelImport(None, None, f"{dist} is not installed", INSTALL_HINT)
+    spec = f"{dist}=={version}" if version else dist
+    problem = (f"{dist} {version or '(version unknown)'} is installed but {module} failed to import "
+               f"({type(err).__name__}: {err})")
+    abi = ("; an 'undefined symbol' means it was compiled for another torch or CUDA"
+           if "undefined symbol" in str(err) else "")
+    fix = (f"rebuild it against this torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}){abi}: "
+           f"{force_build_var}=TRUE pip install --no-build-isolation --no-cache-dir --force-reinstall --no-deps "
+           f"'{spec}'")
+    return KernelImport(None, version, problem, fix)
+
+
 @functools.lru_cache(maxsize=None)
-def load_kernels() -> Tuple[Optional[Callable], Optional[Callable], str]:
-    """(selective_scan_fn, causal_conv1d_fn or None, reason if the scan kernel is missing)."""
+def load_scan_kernel() -> KernelImport:
+    """mamba-ssm's selective-scan kernel as ``selective_scan_fn``, imported once per process."""
     try:
         import selective_scan_cuda  # mamba-ssm's compiled kernels (a top-level extension module)
     except Exception as err:  # ImportError, or an ABI mismatch surfacing as OSError/RuntimeError
-        return None, None, f"mamba-ssm's selective_scan_cuda could not be imported ({type(err).__name__}: {err})"
+        return _import_failure("mamba-ssm", "selective_scan_cuda", "MAMBA_FORCE_BUILD", err)
+    return KernelImport(_scan_with(selective_scan_cuda), _installed_version("mamba-ssm"), "", "")
+
+
+@functools.lru_cache(maxsize=None)
+def load_causal_conv1d() -> KernelImport:
+    """causal-conv1d's ``causal_conv1d_fn``, imported once per process."""
     try:
         from causal_conv1d import causal_conv1d_fn  # a light package: its kernels and torch only
-    except Exception:
-        causal_conv1d_fn = None
-    return _scan_with(selective_scan_cuda), causal_conv1d_fn, ""
+    except Exception as err:
+        return _import_failure("causal-conv1d", "causal_conv1d", "CAUSAL_CONV1D_FORCE_BUILD", err)
+    return KernelImport(causal_conv1d_fn, _installed_version("causal-conv1d"), "", "")
+
+
+def load_kernels() -> Tuple[Optional[Callable], Optional[Callable], str]:
+    """(selective_scan_fn, causal_conv1d_fn or None, why the scan kernel is missing or "")."""
+    scan = load_scan_kernel()
+    if scan.fn is None:
+        return None, None, scan.problem
+    return scan.fn, load_causal_conv1d().fn, ""
+
+
+def reset_kernel_cache() -> None:
+    """Forget the import outcomes so that the next use imports again (for tests)."""
+    load_scan_kernel.cache_clear()
+    load_causal_conv1d.cache_clear()
 
 
 def versions() -> dict:
     """Installed versions of the kernel packages (None where missing)."""
-    from importlib import metadata
-
-    found = {}
-    for dist in ("mamba-ssm", "causal-conv1d"):
-        try:
-            found[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            found[dist] = None
-    return found
+    return {dist: _installed_version(dist) for dist in ("mamba-ssm", "causal-conv1d")}
