@@ -6,12 +6,13 @@ shell profile) answers without importing torch.
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
-    "MobileViM": "network", "count_parameters": "network",
-    "MobileViMConfig": "config", "load_config": "config",
-    "DualDirectionMamba": "layers", "DiminMamba": "layers", "MobileMambaBlock": "layers", "ScaleBridger": "layers",
+    "MobileViM": "networks.mobilevim", "count_parameters": "networks.mobilevim",
+    "MobileViMConfig": "networks.mobilevim", "load_config": "networks.mobilevim",
+    "DiminMamba": "networks.mobilevim", "MobileMambaBlock": "networks.mobilevim", "ScaleBridger": "networks.mobilevim",
+    "DualDirectionMamba": "ssm",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -13,5 +13,7 @@ echo "== installing nnunetv2-mobilevim[test] (first time: torch + nnU-Net, a few
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
 .venv/bin/python -c "import torch, nnunetv2_mobilevim; print('== torch', torch.__version__, '| nnunetv2_mobilevim', nnunetv2_mobilevim.__version__)"
+echo "== lint (ruff, configured in pyproject.toml)"
+.venv/bin/python -m ruff check nnunetv2_mobilevim tests
 echo "== running the test suite"
 exec .venv/bin/python -m pytest -ra "$@"

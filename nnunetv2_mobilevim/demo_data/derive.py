@@ -5,7 +5,8 @@ Run from the repository root on a Debian machine with apt-get and pip:
     python -m nnunetv2_mobilevim.demo_data.derive [--work /tmp/derive]
 
 Sources (licences in PROVENANCE.md beside this file): Debian ``mricron-data`` (Colin27 T1 and its
-brain extraction ch2better, one real person), Debian ``insighttoolkit5-examples`` (a second real person), the PyPI wheels ``nilearn``
+brain extraction ch2better, one real person), Debian ``insighttoolkit5-examples`` (a second real person),
+the PyPI wheels ``nilearn``
 (MNI152 2009a symmetric template) and ``nimare`` (MNI152 NLin6Asym template). Every volume is
 reoriented to RAS, resampled to 3 mm isotropic (linear for images, nearest-equivalent for masks),
 cropped to the head with a 3-voxel margin, and written as nnU-Net raw files. Brain masks are
@@ -57,8 +58,8 @@ def fetch(work: Path) -> None:
     for wheel in (work / "wheels").glob("*.whl"):
         name = wheel.name.split("-")[0]
         with zipfile.ZipFile(wheel) as zf:
-            members = [m for m in zf.namelist() if m.endswith(".nii.gz") and ("datasets/data/mni_icbm152" in m
-                                                                          or "templates/tpl-MNI152NLin6Asym_res-01" in m)]
+            wanted = ("datasets/data/mni_icbm152", "templates/tpl-MNI152NLin6Asym_res-01")
+            members = [m for m in zf.namelist() if m.endswith(".nii.gz") and any(w in m for w in wanted)]
             zf.extractall(work / name, members)
 
 
@@ -100,7 +101,8 @@ def derive(work: Path, out: Path) -> None:
         binary = (sum(arrays) > 0.5) if len(arrays) > 1 else (arrays[0] > 0)
         mask = resample(sources[0], grid, binary) > 0.5
         # one definition for all: the brain envelope (sulci and ventricles closed, holes filled)
-        mask = ndimage.binary_closing(np.pad(mask, 3), ndimage.generate_binary_structure(3, 2), iterations=2)[3:-3, 3:-3, 3:-3]
+        structure = ndimage.generate_binary_structure(3, 2)
+        mask = ndimage.binary_closing(np.pad(mask, 3), structure, iterations=2)[3:-3, 3:-3, 3:-3]
         mask = ndimage.binary_fill_holes(mask)
         labels, count = ndimage.label(mask)
         if count > 1:  # keep the largest component

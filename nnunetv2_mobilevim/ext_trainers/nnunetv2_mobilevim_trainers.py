@@ -2,6 +2,7 @@
 
 nnU-Net imports every module of that folder by its bare name; the trainers themselves live in
 nnunetv2_mobilevim.nnunet.trainers, so their class paths (and checkpoints) never depend on this file.
+Every trainer is listed here; their base, nnUNetTrainerMobileViMBase, is not (it has no recipe to train).
 """
 
 from nnunetv2_mobilevim.nnunet.trainers import (  # noqa: F401

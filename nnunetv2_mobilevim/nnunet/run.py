@@ -1,11 +1,13 @@
-"""Running nnU-Net from our own commands (demo, compare, benchmark).
+"""Running nnU-Net from our own commands (demo, benchmark, the research tools).
 
+- nnU-Net's folder variables for one work folder;
 - nnU-Net's command-line entry points, each in a fresh Python process: no PATH lookup of the console
   scripts (they need not be on PATH, e.g. with ``pip install --target``), and no race between
   nnU-Net's trainer lookup (it iterates ``sys.modules``) and the data-loader threads that a
   finished in-process training may leave behind.
 - a trainer built the way ``nnUNetv2_train`` builds it, with a short schedule, for in-process runs;
-- such a run in a fresh Python process of its own.
+- such a run in a fresh Python process of its own;
+- the Dice score of a predicted mask.
 """
 
 from __future__ import annotations
@@ -15,7 +17,21 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+
+import numpy as np
+
+from .registration import ENV_VAR, ext_trainer_dir
+
+
+def folder_variables(root: Path, preprocessed: str = "pre", results: str = "res") -> Dict[str, str]:
+    """nnU-Net's variables for a work folder ``root``: ``nnUNet_raw`` = root/raw,
+    ``nnUNet_preprocessed`` = root/PREPROCESSED, ``nnUNet_results`` = root/RESULTS, and
+    ``nnUNet_extTrainer`` = the folder of our trainers. nnU-Net reads them when ``nnunetv2`` is first
+    imported: put them into ``os.environ`` before that (subprocesses inherit them)."""
+    root = Path(root)
+    return {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / preprocessed),
+            "nnUNet_results": str(root / results), ENV_VAR: str(ext_trainer_dir())}
 
 
 def _entry_point(module: str, function: str, args: Sequence, env: Optional[Mapping[str, str]],
@@ -68,3 +84,11 @@ def in_fresh_process(fn: Callable[..., Any], *args) -> Any:
 
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(fn, *args).result()
+
+
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Dice of two boolean masks of the same shape: 2|pred & ref| / (|pred| + |ref|); NaN when both are
+    empty, as nnU-Net's evaluation (``nnunetv2.evaluation``) reports it. Computed here on masks already
+    in memory, where nnU-Net's ``compute_metrics`` reads files."""
+    total = pred.sum() + ref.sum()
+    return float(2 * np.logical_and(pred, ref).sum() / total) if total else float("nan")

@@ -1,18 +1,20 @@
-"""nnU-Net trainers that train MobileViM. They adapt the network to nnU-Net and hold no network code.
+"""nnU-Net trainers that train MobileViM: one adapter base and the recipes, a few lines each.
 
     export nnUNet_extTrainer=$(nnunetv2_mobilevim ext-path)
     nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerMobileViM       # MobileViM_s, AdamW + cosine
     nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerMobileViM_xs    # MobileViM_xs, AdamW + cosine
     ... -tr nnUNetTrainerMobileViM_SGD | nnUNetTrainerMobileViM_xs_SGD       # nnU-Net's own recipe
 
-What they change relative to ``nnUNetTrainer``:
+``nnUNetTrainerMobileViMBase`` adapts the network to nnU-Net and holds no network code and no recipe;
+the trainers are recipes on it, as nnU-Net's own variants are on ``nnUNetTrainer``. What it changes
+relative to ``nnUNetTrainer``:
 - the network: MobileViM built from the plan (patch size, the first four per-axis pooling strides,
   input channels, segmentation heads); 3D configurations only;
 - deep-supervision scales: taken from the network, so every output has a target of its size;
 - torch.compile: off unless ``nnUNet_compile`` is set to true explicitly (nnU-Net 2.8 compiles by
   default on CUDA; the mamba-ssm kernels are opaque to the compiler, see docs/nnunet.md);
 - on a single GPU the whole training step (forward, nnU-Net's loss, GradScaler, clipping, optimiser
-  update) is replayed from one CUDA graph, see ``graphed_training.GraphedTrainStep``; the optimiser
+  update) is replayed from one CUDA graph, see ``acceleration.training.GraphedTrainStep``; the optimiser
   runs its fused kernel (same update, fewer launches, no host sync; ``optim.SGD`` keeps it exact after
   GradScaler's skipped steps); with an ignore label the loss is ``losses.IgnoreLabelDC_and_CE_loss``
   (nnU-Net's value, no host sync); ``NNUNETV2_MOBILEVIM_CUDA_GRAPHS=0`` turns every graph off;
@@ -21,29 +23,28 @@ What they change relative to ``nnUNetTrainer``:
 - a checkpoint that is missing, unreadable, or does not fit gives an error that says which and what to do;
 - prediction (the network nnU-Net's predictor builds) runs BatchNorm-folded and replayed from a
   CUDA graph on GPUs: same logits, several times fewer kernel launches.
-The recipe: AdamW (lr 1e-3, weight decay 0.03) with a cosine schedule, the paper's optimiser family,
-chosen by measurement over nnU-Net's SGD + poly (docs/results.md); everything else is nnU-Net's
-(1000 epochs x 250 iterations, Dice + CE with deep supervision, fp16 AMP, augmentation). The ``_SGD``
-trainers keep nnU-Net's optimiser and schedule unchanged.
+The recipes (``configure_optimizers``): the default AdamW (lr 1e-3, weight decay 0.03) with a cosine
+schedule, the paper's optimiser family, chosen by measurement over nnU-Net's SGD + poly
+(docs/results.md); the ``_SGD`` trainers keep nnU-Net's optimiser and schedule unchanged. Everything
+else is nnU-Net's (1000 epochs x 250 iterations, Dice + CE with deep supervision, fp16 AMP, augmentation).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import os
 from contextlib import nullcontext
 from typing import List
 
 import torch
-from torch.optim.lr_scheduler import _LRScheduler
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from ..graphed_training import GraphedTrainStep
-from ..network import NUM_DOWNSAMPLINGS, MobileViM, deep_supervision_scales
-from ..scan import describe_backend, resolve_backend
+from ..acceleration.training import GraphedTrainStep
+from ..networks.mobilevim.network import NUM_DOWNSAMPLINGS, MobileViM, deep_supervision_scales
+from ..ssm import describe_backend, resolve_backend
+from .lr_schedulers import CosineLRScheduler
 from .optim import CHECKPOINT_KEYS, SGD, checkpoint_mismatch, contiguous_state_dict, portable_checkpoints
 
 THREE_D_CONFIGURATIONS = ("3d_fullres", "3d_lowres", "3d_cascade_fullres")
@@ -72,9 +73,13 @@ def require_3d(configuration_manager: ConfigurationManager, configuration: str =
             f"(whichever your plans contain), e.g. nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerMobileViM.")
 
 
-class nnUNetTrainerMobileViM_SGD(nnUNetTrainer):
-    """MobileViM_s with nnU-Net's own recipe (SGD, Nesterov 0.99, lr 1e-2, poly decay, weight decay
-    3e-5; fused kernel on GPUs). The base of every MobileViM trainer: it adapts the network to nnU-Net."""
+class nnUNetTrainerMobileViMBase(nnUNetTrainer):
+    """The base of every MobileViM trainer: MobileViM (``mobilevim_variant``) adapted to nnU-Net, no recipe.
+
+    A recipe is a subclass that defines ``configure_optimizers`` (wrapping its optimiser in
+    ``optim.portable_checkpoints``, passing ``**self._fused()``) and, where it differs from nnU-Net's,
+    ``initial_lr`` / ``weight_decay`` / the epoch budget in ``__init__``.
+    """
 
     mobilevim_variant = "s"
 
@@ -140,12 +145,11 @@ class nnUNetTrainerMobileViM_SGD(nnUNetTrainer):
         return {"fused": True} if self.device.type == "cuda" else {}
 
     def configure_optimizers(self):
-        # nnU-Net's configure_optimizers (SGD, momentum 0.99, Nesterov; poly schedule) plus the fused kernel;
-        # optim.SGD: torch's, with a fused kernel that survives GradScaler's skipped steps;
-        # portable_checkpoints: checkpoints continue in every mode (layouts, fused or not, CPU or GPU)
-        optimizer = portable_checkpoints(SGD(self.network.parameters(), self.initial_lr, momentum=0.99,
-                                             weight_decay=self.weight_decay, nesterov=True, **self._fused()))
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+        # deliberately not nnU-Net's: its torch.optim.SGD, unwrapped, would write checkpoints that other modes
+        # cannot continue; each recipe names its optimiser
+        raise NotImplementedError(
+            f"{type(self).__name__} has no recipe: a MobileViM trainer defines configure_optimizers. "
+            "Train one of the recipes (e.g. -tr nnUNetTrainerMobileViM), or subclass one of them.")
 
     def initialize(self):
         super().initialize()
@@ -255,35 +259,10 @@ class nnUNetTrainerMobileViM_SGD(nnUNetTrainer):
             self.graphed_train_step = self._new_graphed_step()
 
 
-class nnUNetTrainerMobileViM_xs_SGD(nnUNetTrainerMobileViM_SGD):
-    """MobileViM_xs with nnU-Net's own recipe."""
-
-    mobilevim_variant = "xs"
+# The recipes: siblings on the base, like nnU-Net's variants on nnUNetTrainer.
 
 
-class CosineLRScheduler(_LRScheduler):
-    """Cosine decay from ``initial_lr`` to ``initial_lr * final_fraction`` over ``max_steps`` epochs.
-
-    Written to nnU-Net's scheduler interface (``step(current_epoch)``, like its PolyLRScheduler);
-    torch's CosineAnnealingLR warns on every explicit-epoch ``step``.
-    """
-
-    def __init__(self, optimizer, initial_lr: float, max_steps: int, final_fraction: float = 1e-2):
-        self.initial_lr, self.max_steps, self.final_fraction, self.ctr = initial_lr, max_steps, final_fraction, 0
-        super().__init__(optimizer, -1)
-
-    def step(self, current_step=None):
-        if current_step is None or current_step == -1:
-            current_step, self.ctr = self.ctr, self.ctr + 1
-        progress = min(current_step / max(self.max_steps, 1), 1.0)
-        floor = self.initial_lr * self.final_fraction
-        new_lr = floor + 0.5 * (self.initial_lr - floor) * (1 + math.cos(math.pi * progress))
-        for group in self.optimizer.param_groups:
-            group["lr"] = new_lr
-        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-
-
-class nnUNetTrainerMobileViM(nnUNetTrainerMobileViM_SGD):
+class nnUNetTrainerMobileViM(nnUNetTrainerMobileViMBase):
     """MobileViM_s, trained with the paper's optimiser family: AdamW (weight decay 0.03, as the released
     scripts) and a cosine schedule, at lr 1e-3 (the paper's 1.6e-6 start would barely move a network
     trained from scratch in nnU-Net's epoch budget). The default: it beat nnU-Net's SGD + poly on both
@@ -308,6 +287,24 @@ class nnUNetTrainerMobileViM_xs(nnUNetTrainerMobileViM):
     mobilevim_variant = "xs"
 
 
+class nnUNetTrainerMobileViM_SGD(nnUNetTrainerMobileViMBase):
+    """MobileViM_s with nnU-Net's own recipe (SGD, Nesterov 0.99, lr 1e-2, poly decay, weight decay
+    3e-5; fused kernel on GPUs)."""
+
+    def configure_optimizers(self):
+        # nnU-Net's configure_optimizers (SGD, momentum 0.99, Nesterov; poly schedule) plus the fused kernel;
+        # optim.SGD: torch's, with a fused kernel that survives GradScaler's skipped steps
+        optimizer = portable_checkpoints(SGD(self.network.parameters(), self.initial_lr, momentum=0.99,
+                                             weight_decay=self.weight_decay, nesterov=True, **self._fused()))
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+
+class nnUNetTrainerMobileViM_xs_SGD(nnUNetTrainerMobileViM_SGD):
+    """MobileViM_xs with nnU-Net's own recipe."""
+
+    mobilevim_variant = "xs"
+
+
 class nnUNetTrainerMobileViM_smoke(nnUNetTrainerMobileViM):
     """A first check (and the test suite's trainer): 2 epochs of 4 iterations, a checkpoint every epoch."""
 
@@ -320,6 +317,6 @@ class nnUNetTrainerMobileViM_smoke(nnUNetTrainerMobileViM):
         self.save_every = 1
 
 
-__all__ = ["nnUNetTrainerMobileViM", "nnUNetTrainerMobileViM_xs", "nnUNetTrainerMobileViM_SGD",
-           "nnUNetTrainerMobileViM_xs_SGD", "nnUNetTrainerMobileViM_smoke", "CosineLRScheduler",
+__all__ = ["nnUNetTrainerMobileViMBase", "nnUNetTrainerMobileViM", "nnUNetTrainerMobileViM_xs",
+           "nnUNetTrainerMobileViM_SGD", "nnUNetTrainerMobileViM_xs_SGD", "nnUNetTrainerMobileViM_smoke",
            "strides_from_plan", "require_3d"]

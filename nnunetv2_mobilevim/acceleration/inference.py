@@ -1,0 +1,116 @@
+"""Inference speed-ups that leave results unchanged: BatchNorm folding and CUDA-graph replay.
+
+MobileViM's forward is launch-bound on a modern GPU (hundreds of small kernels for ~47 GMACs), so
+replaying one captured CUDA graph per input shape removes the host overhead, and folding each
+eval-mode BatchNorm into the convolution before it removes one kernel per convolution.
+``tests/acceleration/test_inference.py`` (CPU, the graph simulated) and ``test_gpu_graphs.py`` (GPU) check
+that logits do not change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from typing import Any, Callable, Dict, Hashable, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.utils._pytree import tree_map
+
+from .cuda_graphs import FastPathWarning, cudnn_autotuning, graph_key, uncached_autocast  # noqa: F401 (re-exported)
+
+_CONVS = (nn.Conv3d, nn.ConvTranspose3d)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with every Conv3d/ConvTranspose3d -> BatchNorm3d pair in an
+    ``nn.Sequential`` fused into one convolution (PyTorch's ``fuse_conv_bn_eval``)."""
+    folded = copy.deepcopy(model).eval()
+    for module in folded.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        names = list(module._modules)
+        for first, second in zip(names, names[1:]):
+            conv, norm = module._modules[first], module._modules[second]
+            if isinstance(conv, _CONVS) and isinstance(norm, nn.BatchNorm3d) and norm.track_running_stats:
+                module._modules[first] = fuse_conv_bn_eval(conv, norm, transpose=isinstance(conv, nn.ConvTranspose3d))
+                module._modules[second] = nn.Identity()
+    return folded
+
+
+def replay_possible(x: Tensor) -> bool:
+    """Whether ``x`` can go through a captured CUDA graph: CUDA tensors only. The CPU tests replace
+    this (and the capture) to run everything around the graph on a CPU."""
+    return x.is_cuda
+
+
+class CUDAGraphRunner:
+    """Calls an eval-mode CUDA module through one captured CUDA graph per input shape / dtype / autocast
+    (and ``signature_fn()``, e.g. whether deep supervision is on).
+
+    runner = CUDAGraphRunner(model); logits = runner(x)   # x on CUDA; gradients are not supported
+    The module may return a tensor or a list/tuple of tensors; the runner returns copies.
+    ``autotune_cudnn=False`` captures with cuDNN's heuristic algorithms (for MobileViM's many small
+    convolutions autotuning costs seconds at the first call and gains nothing, docs/benchmarks.md);
+    True leaves ``torch.backends.cudnn.benchmark`` as it is.
+
+    Bounded: at most ``max_graphs`` graphs (each holds a memory pool as large as the forward's
+    activations); further signatures, and any signature whose capture failed, run the module eagerly
+    (the same logits, slower), which a ``FastPathWarning`` says once per runner and reason.
+    """
+
+    def __init__(self, module: nn.Module, warmup: int = 2, signature_fn: Callable[[], Hashable] = lambda: None,
+                 autotune_cudnn: bool = False, max_graphs: int = 4) -> None:
+        self.module, self.warmup, self.signature_fn = module, warmup, signature_fn
+        self.autotune_cudnn, self.max_graphs = autotune_cudnn, max_graphs
+        self._graphs: Dict[Tuple, Tuple[Any, Tensor, Any]] = {}
+        self._eager: Dict[Tuple, str] = {}  # signatures that run eagerly, and why
+        self._told: set = set()
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> Any:
+        key = graph_key(x, self.signature_fn())
+        if key not in self._graphs and key not in self._eager:
+            if len(self._graphs) >= self.max_graphs:
+                self._eager[key] = (f"more than {self.max_graphs} input signatures: the first {self.max_graphs} "
+                                    "run from CUDA graphs, the others eagerly")
+            else:
+                try:
+                    with contextlib.nullcontext() if self.autotune_cudnn else cudnn_autotuning(False):
+                        self._graphs[key] = self._capture(x)
+                except RuntimeError as err:
+                    self._eager[key] = f"capturing a CUDA graph for input {tuple(x.shape)} failed ({err})"
+        if key in self._eager:
+            self._say_once(self._eager[key])
+            return self.module(x)
+        graph, static_in, static_out = self._graphs[key]
+        static_in.copy_(x)
+        graph.replay()
+        return tree_map(lambda t: t.clone(), static_out)
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def _say_once(self, reason: str) -> None:
+        if reason not in self._told:
+            self._told.add(reason)
+            warnings.warn(f"fast inference: {reason}; running the network without graph replay (same results, "
+                          "slower).", FastPathWarning, stacklevel=3)
+
+    def _capture(self, x: Tensor) -> Tuple[torch.cuda.CUDAGraph, Tensor, Any]:
+        static_in = x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with uncached_autocast():
+            with torch.cuda.stream(side):  # warm-up outside the graph (lazy initialisation, workspace sizes)
+                for _ in range(self.warmup):
+                    self.module(static_in)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # nnU-Net's pin-memory thread may use CUDA while we capture (validation runs during training):
+            # only this thread's calls may not disturb the capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                static_out = self.module(static_in)
+        return graph, static_in, static_out

@@ -1,0 +1,1 @@
+"""The ``nnunetv2_mobilevim`` command (``main``) and its sub-commands, one module each."""

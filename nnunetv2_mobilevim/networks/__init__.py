@@ -1,0 +1,1 @@
+"""The networks, one folder each: configuration, building blocks and the assembled network."""

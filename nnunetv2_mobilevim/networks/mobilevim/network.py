@@ -1,0 +1,254 @@
+"""MobileViM assembled: stem, four stages of MobileMamba blocks, decoder, output at the input's size.
+
+    x (B, in, D, H, W)
+    -> stem: 3^3 conv, stride s_0                          (B, C_stem, D/s_0, ...)
+    -> stage i: [MBConv downsample, stride s_i] + MobileMambaBlock   (B, C_i, D/(s_0..s_i), ...)
+    -> decoder -> logits at stage-1 resolution -> trilinear upsample to (D, H, W)
+
+Any 3D patch works: strides are per axis (an nnU-Net plan's first four pooling steps), and an input
+that is not a multiple of the total stride is replicate-padded and the logits cropped back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...acceleration import inference as _replay
+from .config import MobileViMConfig, load_config
+from .conv_blocks import ConvNormAct, MBConvDownsample, Stride, as_stride, pad_to_multiple, prod_strides
+from .decoder import MobileViMDecoder
+from .mobile_mamba_block import MobileMambaBlock
+
+NUM_DOWNSAMPLINGS = 4
+
+
+class MobileViMEncoder(nn.Module):
+    """(B, in, D, H, W) -> [f_0, f_1, f_2, f_3], f_i: (B, C_i, (D, H, W) / prod(strides[:i+1]))."""
+
+    def __init__(self, input_channels: int, config: MobileViMConfig, strides: Sequence[Stride]) -> None:
+        super().__init__()
+        cfg = config
+        self.stem = ConvNormAct(input_channels, cfg.stem_channels, 3, strides[0], norm=cfg.norm)
+        self.stages = nn.ModuleList()
+        previous = cfg.stem_channels
+        for i, (channels, layers) in enumerate(zip(cfg.stage_channels, cfg.mamba_layers)):
+            blocks: List[nn.Module] = []
+            if i > 0 or channels != previous:
+                blocks.append(MBConvDownsample(previous, channels, strides[i] if i > 0 else 1,
+                                               cfg.downsample_expand, cfg.norm))
+            blocks.append(MobileMambaBlock(channels, layers, cfg.dimin_token_size, cfg.d_state, cfg.d_conv,
+                                           cfg.expand, cfg.norm, mamba=cfg.mamba, dual_direction=cfg.dual_direction,
+                                           dimension_independent=cfg.dimension_independent))
+            self.stages.append(nn.Sequential(*blocks))
+            previous = channels
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        x = self.stem(x)
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+
+class MobileViM(nn.Module):
+    """MobileViM_s / MobileViM_xs (Dai, Wang, Liu 2025) as an nnU-Net-compatible 3D segmentation network.
+
+    Args (keyword-only, so an nnU-Net plans file can name this class by dotted path):
+        input_channels: image channels (1-4 typical).
+        num_classes: output channels (segmentation heads).
+        variant: ``"s"``, ``"xs"``, a path to a JSON config, or a :class:`MobileViMConfig`.
+        strides: four per-axis strides (stem and three downsamplings); default 2 on every axis.
+        deep_supervision: return [full-res logits, then lower-resolution logits] for nnU-Net's loss.
+        fast_inference: in eval mode on CUDA without gradients, run a BatchNorm-folded copy replayed
+            from a CUDA graph (same logits, see ``acceleration/inference.py``). Off by default; the trainers
+            turn it on for the networks nnU-Net's predictor builds and for validation.
+        cuda_graph_training: in train mode on CUDA with gradients, replay forward and backward from
+            CUDA graphs captured per input shape (``acceleration/training.py``; same outputs and gradients),
+            for training loops of your own. Off by default; the nnU-Net trainers replay their whole
+            step instead (``acceleration.training.GraphedTrainStep``).
+        **overrides: any :class:`MobileViMConfig` field, e.g. ``dual_direction=False`` (ablation).
+
+    Forward: (B, input_channels, D, H, W) -> (B, num_classes, D, H, W), or a list of logits with deep
+    supervision, highest resolution first, at the per-axis scales in ``deep_supervision_scales``.
+    """
+
+    def __init__(self, *, input_channels: int, num_classes: int,
+                 variant: Union[str, Path, MobileViMConfig] = "s",
+                 strides: Optional[Sequence[Union[int, Sequence[int]]]] = None,
+                 deep_supervision: bool = False, fast_inference: bool = False, cuda_graph_training: bool = False,
+                 **overrides) -> None:
+        super().__init__()
+        config = load_config(variant)
+        if overrides:
+            config = MobileViMConfig.from_dict({**config.to_dict(), **overrides}, source=f"{config.name} + overrides")
+        if int(input_channels) < 1 or int(num_classes) < 1:
+            raise ValueError(f"input_channels and num_classes must be >= 1, got {input_channels}, {num_classes}")
+        strides = [2] * NUM_DOWNSAMPLINGS if strides is None else list(strides)
+        if len(strides) != NUM_DOWNSAMPLINGS:
+            raise ValueError(f"MobileViM downsamples {NUM_DOWNSAMPLINGS} times; strides needs "
+                             f"{NUM_DOWNSAMPLINGS} entries, got {len(strides)}: {strides}")
+        self.strides: Tuple[Stride, ...] = tuple(as_stride(s) for s in strides)
+        if any(s < 1 for st in self.strides for s in st):
+            raise ValueError(f"strides must be >= 1, got {self.strides}")
+        self.config = config
+        self.input_channels, self.num_classes = int(input_channels), int(num_classes)
+        self.encoder = MobileViMEncoder(self.input_channels, config, self.strides)
+        self.decoder = MobileViMDecoder(config.stage_channels, self.strides[1:], self.num_classes,
+                                        config.bottleneck_expand, config.uplink_expand, config.norm,
+                                        scale_bridger=config.scale_bridger, deep_supervision=deep_supervision)
+        self.fast_inference = fast_inference
+        self.cuda_graph_training = cuda_graph_training
+        self._runtime = _RuntimeState()
+        self.register_load_state_dict_post_hook(lambda module, keys: module._runtime.mark_weights_changed())
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._runtime.mark_weights_changed()  # weights may change while training; eval() alone changes none
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .half() may replace the tensors the CUDA graphs captured; nnU-Net's predictor
+        # calls .to(device) for every case, which moves nothing and must keep them
+        before = self._tensor_identity()
+        result = super()._apply(fn, *args, **kwargs)
+        if self._tensor_identity() != before:
+            self._runtime.clear()
+        return result
+
+    def _tensor_identity(self) -> List[Tuple]:
+        """Address, dtype, device and layout of every parameter and buffer: what a captured graph reads."""
+        return [(t.data_ptr(), t.dtype, t.device, t.stride())
+                for t in (*self.parameters(), *self.buffers())]
+
+    def _fast_forward(self, x: Tensor) -> Tensor:
+        rt = self._runtime
+        if rt.fast is None or rt.fast_stale:
+            folded = _replay.fold_batchnorm(self)  # deep copies start with an empty _RuntimeState
+            folded.fast_inference = False
+            folded.to(memory_format=torch.contiguous_format)  # the faster layout for inference
+            if rt.fast is None:
+                runner = _replay.CUDAGraphRunner(folded, signature_fn=lambda: folded.decoder.deep_supervision)
+                rt.fast = (folded, runner)
+            else:  # copy into the captured copy's own tensors, so its CUDA graphs stay valid
+                rt.fast[0].load_state_dict(folded.state_dict())
+            rt.fast_stale = False
+        rt.fast[0].decoder.deep_supervision = self.decoder.deep_supervision  # nnU-Net switches it for validation
+        return rt.fast[1](x)
+
+    def enable_cuda_graph_training(self) -> "MobileViM":
+        """Train through CUDA graphs (``cuda_graph_training``) with the weights in channels_last_3d: on an
+        H100 that layout made the graphed training step of MobileViM_s 35 -> 28 ms (its BatchNorm and
+        convolution kernels run without layout transposes), while inference stays fastest contiguous
+        (the folded inference copy is made contiguous). docs/benchmarks.md has the numbers."""
+        self.cuda_graph_training = True
+        return self.to(memory_format=torch.channels_last_3d)
+
+    def _graphed_training_forward(self, x: Tensor):
+        from ...acceleration.training import TrainingGraphs
+
+        if self._runtime.training_graphs is None:
+            self._runtime.training_graphs = TrainingGraphs(
+                self, self._forward_eager, signature_fn=lambda: self.decoder.deep_supervision)
+        return self._runtime.training_graphs(x)
+
+    @property
+    def total_stride(self) -> Stride:
+        """Per-axis downsampling factor at the deepest stage: inputs are padded to multiples of it."""
+        return prod_strides(self.strides)
+
+    @property
+    def deep_supervision_scales(self) -> List[List[float]]:
+        """Per-axis scale of each deep-supervision output relative to the input, highest first;
+        the format of nnU-Net's ``_get_deep_supervision_scales``."""
+        return deep_supervision_scales(self.strides)
+
+    def check_input_size(self, spatial: Sequence[int]) -> None:
+        """ValueError when a patch is too small for the strides (deepest stage under one voxel)."""
+        spatial = tuple(int(s) for s in spatial)
+        if len(spatial) != 3:
+            raise ValueError(f"MobileViM is a 3D network: expected (D, H, W), got a patch of {spatial}")
+        need = self.total_stride
+        if any(s < n for s, n in zip(spatial, need)):
+            raise ValueError(
+                f"patch size {list(spatial)} is too small for the strides {[list(s) for s in self.strides]}: "
+                f"each axis must be at least the total stride {list(need)} (ideally a multiple of it)")
+
+    def forward(self, x: Tensor):
+        if (self.fast_inference and _replay.replay_possible(x) and not self.training
+                and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):  # under torch.compile the compiler owns the graph
+            self._check_input(x)
+            return self._fast_forward(x)
+        if (self.cuda_graph_training and x.is_cuda and self.training and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            self._check_input(x)  # here, not inside the graphed forward, so errors name the real input
+            return self._graphed_training_forward(x)
+        return self._forward_eager(x)
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 5:
+            raise ValueError(f"expected a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.input_channels:
+            raise ValueError(f"this MobileViM was built for {self.input_channels} input channel(s), "
+                             f"got {x.shape[1]} (input shape {tuple(x.shape)})")
+        self.check_input_size(x.shape[2:])
+
+    def _forward_eager(self, x: Tensor):
+        self._check_input(x)
+        size = x.shape[2:]
+        xp = pad_to_multiple(x, self.total_stride)
+        out = self.decoder(self.encoder(xp))
+        logits, extra = (out if self.decoder.deep_supervision else (out, []))
+        logits = F.interpolate(logits, size=xp.shape[2:], mode="trilinear", align_corners=False)
+        logits = logits[..., :size[0], :size[1], :size[2]]
+        if not self.decoder.deep_supervision:
+            return logits
+        crops = []
+        for t, scale in zip(extra, self.deep_supervision_scales[1:]):
+            crops.append(t[..., :_ceil(size[0], scale[0]), :_ceil(size[1], scale[1]), :_ceil(size[2], scale[2])])
+        return [logits] + crops
+
+
+def deep_supervision_scales(strides: Sequence[Stride]) -> List[List[float]]:
+    """Scales of the outputs with deep supervision for the four per-axis ``strides``: the full
+    resolution, then the decoder outputs of stages 1-3 (``1/s0``, ``1/(s0*s1)``, ``1/(s0*s1*s2)``)."""
+    strides = [as_stride(s) for s in strides]
+    return [[1.0, 1.0, 1.0]] + [[1.0 / s for s in prod_strides(strides[:i + 1])] for i in range(NUM_DOWNSAMPLINGS - 1)]
+
+
+def _ceil(size: int, scale: float) -> int:
+    return -(-size // round(1 / scale))
+
+
+def count_parameters(module: nn.Module, deep_supervision_heads: bool = True) -> int:
+    """Parameters of a MobileViM, optionally without the deep-supervision heads."""
+    total = sum(p.numel() for p in module.parameters())
+    if not deep_supervision_heads and isinstance(module, MobileViM):
+        total -= sum(p.numel() for p in module.decoder.ds_heads.parameters())
+    return total
+
+
+class _RuntimeState:
+    """What a MobileViM builds for speed at run time: the BatchNorm-folded inference copy with its CUDA
+    graphs, and the training graphs. Not module state: a deep copy (``fold_batchnorm``, nnU-Net's
+    checkpoint averaging) starts empty instead of copying captured graphs."""
+
+    def __init__(self) -> None:
+        self.fast = None  # (folded copy, CUDAGraphRunner)
+        self.fast_stale = True
+        self.training_graphs = None  # acceleration.training.TrainingGraphs
+
+    def mark_weights_changed(self) -> None:
+        self.fast_stale = True
+
+    def clear(self) -> None:
+        self.__init__()
+
+    def __deepcopy__(self, memo) -> "_RuntimeState":
+        return _RuntimeState()

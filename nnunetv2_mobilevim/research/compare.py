@@ -1,0 +1,153 @@
+"""Train nnU-Net's default trainer and the MobileViM trainers on the same plans and schedule, then
+predict held-out cases and report per-class Dice, epoch time and peak GPU memory.
+
+    python -m nnunetv2_mobilevim.research.compare --dataset demo   --epochs 10 --iterations 50 --out results/demo.json
+    python -m nnunetv2_mobilevim.research.compare --dataset shapes --epochs 10 --iterations 50 --out results/shapes.json
+
+``demo``: the embedded brain-extraction set (3 training volumes, held-out real person).
+``shapes``: ``synthetic.py``'s multi-class set (ellipsoids, rare small spheres, thin tubes, shells).
+Every trainer trains fold ``all`` with the same number of epochs and iterations, each in a fresh
+Python process (``train_in_fresh_process``); prediction uses
+nnU-Net's CLI: ``checkpoint_final.pth`` with mirroring (``dice``), ``checkpoint_best.pth`` with and
+without it (``dice_best``, ``dice_best_no_tta``). torch.compile is off for all, except nnU-Net's own trainer with
+``--baseline-compile`` (nnU-Net 2.8's default on a GPU; the MobileViM trainers replay CUDA graphs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..nnunet import run as nnunet_run
+
+TRAINERS = ["nnUNetTrainer", "nnUNetTrainerMobileViM", "nnUNetTrainerMobileViM_xs"]
+SHAPES_ID, SHAPES = 502, "Dataset502_Shapes"
+
+
+def dice_per_class(pred_dir: Path, ref_dir: Path, labels: Dict[str, int]) -> Dict[str, float]:
+    import nibabel as nib
+
+    scores: Dict[str, List[float]] = {name: [] for name, v in labels.items() if v != 0}
+    for ref_file in sorted(ref_dir.glob("*.nii.gz")):
+        ref = np.asanyarray(nib.load(str(ref_file)).dataobj)
+        pred = np.asanyarray(nib.load(str(pred_dir / ref_file.name)).dataobj)
+        for name, value in labels.items():
+            if value == 0:
+                continue
+            scores[name].append(nnunet_run.dice(pred == value, ref == value))
+    return {name: float(np.nanmean(v)) for name, v in scores.items()}
+
+
+def prepare_dataset(name: str, root: Path, processes: int = 8) -> Tuple[str, int, Path]:
+    """Write ``name`` ("demo" or "shapes") as an nnU-Net raw dataset under ``root/raw`` and plan and
+    preprocess it into ``nnUNet_preprocessed`` (skipped if already done); returns (dataset, id, raw folder)."""
+    from ..cli.demo import DATASET as DEMO
+    from ..cli.demo import DATASET_ID as DEMO_ID
+    from ..cli.demo import write_raw_dataset
+    from .synthetic import write_dataset
+
+    dataset, dataset_id = (DEMO, DEMO_ID) if name == "demo" else (SHAPES, SHAPES_ID)
+    raw = root / "raw" / dataset
+    if not (raw / "dataset.json").exists():
+        if name == "demo":
+            write_raw_dataset(root / "raw")
+        else:
+            write_dataset(raw, cases=20, test_cases=6, shape=(96, 96, 96), num_classes=4, seed=1)
+    if not (Path(os.environ["nnUNet_preprocessed"]) / dataset / "nnUNetPlans.json").exists():
+        nnunet_run.plan_and_preprocess(["-d", dataset_id, "-c", "3d_fullres", "-np", processes])
+    return dataset, dataset_id, raw
+
+
+def train_one(trainer_class: type, dataset: str, epochs: int, iterations: int, compile_network: bool) -> Dict:
+    import torch
+
+    trainer_name = trainer_class.__name__
+    torch.backends.cudnn.benchmark = True  # as nnUNetv2_train sets it before training
+    trainer = nnunet_run.short_trainer(trainer_class, dataset, epochs, iterations, torch.device("cuda"))
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    os.environ["nnUNet_compile"] = "t" if compile_network else "f"  # read when the run initialises
+    try:
+        trainer.run_training()
+    finally:
+        os.environ["nnUNet_compile"] = "f"
+    logger = getattr(trainer.logger, "local_logger", trainer.logger)  # 2.8: MetaLogger wraps the local logger
+    log = logger.my_fantastic_logging
+    epoch_times = [e - s for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])]
+    return {"trainer": trainer_name, "train_seconds": time.perf_counter() - start,
+            "epoch_seconds_median": float(np.median(epoch_times[1:] or epoch_times)),
+            "first_epoch_seconds": float(epoch_times[0]), "torch_compile": compile_network,
+            "cuda_graph_training": getattr(trainer, "graphed_train_step", None) is not None,
+            "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2 ** 30,
+            "final_train_loss": float(log["train_losses"][-1]),
+            "any_nan_loss": bool(any(not np.isfinite(x) for x in log["train_losses"])),
+            "params": sum(p.numel() for p in trainer.network.parameters())}
+
+
+def train_in_fresh_process(trainer_name: str, dataset: str, epochs: int, iterations: int,
+                           compile_network: bool) -> Dict:
+    """``train_one`` for the trainer called ``trainer_name``, in a new Python process
+    (``nnunet_run.in_fresh_process``)."""
+    return nnunet_run.in_fresh_process(_train_by_name, trainer_name, dataset, epochs, iterations, compile_network)
+
+
+def _train_by_name(trainer_name: str, dataset: str, epochs: int, iterations: int, compile_network: bool) -> Dict:
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    return train_one(recursive_find_trainer_class_by_name(trainer_name), dataset, epochs, iterations, compile_network)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="python -m nnunetv2_mobilevim.research.compare",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=["demo", "shapes"], required=True)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--trainers", nargs="+", default=TRAINERS)
+    parser.add_argument("--baseline-compile", action="store_true",
+                        help="train nnUNetTrainer with torch.compile (nnU-Net 2.8's GPU default)")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+
+    root = (args.workdir or Path(tempfile.mkdtemp(prefix="mobilevim-compare-"))).resolve()
+    os.environ.update(nnunet_run.folder_variables(root), nnUNet_compile="f")
+    dataset, dataset_id, raw = prepare_dataset(args.dataset, root)
+    labels = json.loads((raw / "dataset.json").read_text())["labels"]
+    plans_file = Path(os.environ["nnUNet_preprocessed"]) / dataset / "nnUNetPlans.json"
+    plans = json.loads(plans_file.read_text())["configurations"]["3d_fullres"]
+    result = {"dataset": args.dataset, "epochs": args.epochs, "iterations_per_epoch": args.iterations,
+              "command": "python -m nnunetv2_mobilevim.research.compare " + " ".join(argv),
+              "patch": plans["patch_size"], "batch": plans["batch_size"], "rows": []}
+    for name in args.trainers:
+        print(f"[compare] {args.dataset}: training {name} ({args.epochs} x {args.iterations})", flush=True)
+        row = train_in_fresh_process(name, dataset, args.epochs, args.iterations,
+                                     compile_network=args.baseline_compile and name == "nnUNetTrainer")
+        # the main figure: checkpoint_final with mirroring; then checkpoint_best with and without it
+        for key, checkpoint, extra in (("dice", "checkpoint_final.pth", []),
+                                       ("dice_best", "checkpoint_best.pth", []),
+                                       ("dice_best_no_tta", "checkpoint_best.pth", ["--disable_tta"])):
+            out = root / f"pred_{name}_{key}"
+            nnunet_run.predict(["-i", raw / "imagesTs", "-o", out, "-d", dataset_id, "-c", "3d_fullres", "-tr", name,
+                                "-f", "all", "-chk", checkpoint, *extra])
+            row[key] = dice_per_class(out, raw / "labelsTs", labels)
+            row[f"{key}_mean"] = float(np.mean(list(row[key].values())))
+        result["rows"].append(row)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))  # after every trainer: a stopped run keeps what it has
+        print(f"[compare] {name}: Dice {row['dice']} mean {row['dice_mean']:.4f} (best checkpoint: "
+              f"{row['dice_best_mean']:.4f}, without mirroring {row['dice_best_no_tta_mean']:.4f}), "
+              f"epoch {row['epoch_seconds_median']:.2f} s, peak {row['peak_gpu_gb']:.2f} GB", flush=True)
+
+
+if __name__ == "__main__":
+    main()

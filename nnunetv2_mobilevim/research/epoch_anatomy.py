@@ -1,0 +1,151 @@
+"""Where nnU-Net's epoch time goes, per trainer: waiting for the data loader, the training step,
+validation, and the rest; and how fast nnU-Net's data loader alone delivers batches on this host.
+
+    python -m nnunetv2_mobilevim.research.epoch_anatomy demo|shapes EPOCHS ITERATIONS TRAINER[:compile] ...
+
+Each trainer runs nnU-Net's own ``run_training`` loop in a fresh Python process, as ``compare`` does
+(fold ``all``, EPOCHS x ITERATIONS, a fifth as many validation iterations, its default augmentation
+workers); only timestamps are added around its hooks. ``TRAINER:compile`` trains with
+``nnUNet_compile=t``. Before training, the loader alone is timed (100 batches after 20 warm-up
+batches, GPU idle): no network can make an epoch shorter than ITERATIONS of those. Writes
+``$OUT/epoch_anatomy_DATASET.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..nnunet import run as nnunet_run
+
+
+def timed(cls):
+    """``cls`` with timestamps around the hooks of nnU-Net's training loop."""
+
+    class Timed(cls):
+        marks = []
+
+        def _mark(self, what):
+            self.marks.append((what, self.current_epoch, time.perf_counter()))
+
+        def on_train_start(self):
+            super().on_train_start()
+            loader = self.dataloader_train
+            for _ in range(20):
+                next(loader)
+            t0 = time.perf_counter()
+            for _ in range(100):
+                next(loader)
+            self.loader_alone_ms = 10 * (time.perf_counter() - t0)
+
+        def on_train_epoch_start(self):
+            super().on_train_epoch_start()
+            self._mark("train_start")
+
+        def train_step(self, batch):
+            self._mark("step_start")
+            out = super().train_step(batch)
+            self._mark("step_end")
+            return out
+
+        def on_train_epoch_end(self, outputs):
+            self._mark("train_end")
+            super().on_train_epoch_end(outputs)
+
+        def on_validation_epoch_start(self):
+            super().on_validation_epoch_start()
+            self._mark("val_start")
+
+        def on_validation_epoch_end(self, outputs):
+            super().on_validation_epoch_end(outputs)
+            self._mark("val_end")
+
+    Timed.__name__ = Timed.__qualname__ = cls.__name__  # output folder and checkpoints keep the name
+    return Timed
+
+
+def per_epoch(marks, epoch):
+    m = [(w, t) for w, e, t in marks if e == epoch]
+    starts = [t for w, t in m if w == "step_start"]
+    ends = [t for w, t in m if w == "step_end"]
+    train_start = next(t for w, t in m if w == "train_start")
+    train_end = next(t for w, t in m if w == "train_end")
+    val_start = next(t for w, t in m if w == "val_start")
+    val_end = next(t for w, t in m if w == "val_end")
+    waits = [starts[0] - train_start] + [s - e for s, e in zip(starts[1:], ends[:-1])]
+    return {"data_wait_s": sum(waits), "train_step_s": sum(e - s for s, e in zip(starts, ends)),
+            "train_loop_s": train_end - train_start, "validation_s": val_end - val_start,
+            "step_ms_median": 1000 * float(np.median([e - s for s, e in zip(starts, ends)])),
+            "wait_ms_median": 1000 * float(np.median(waits))}
+
+
+def measure(entry, dataset, epochs, iterations):
+    """One trainer's run (in the calling process); the median over epochs 2.. of each part."""
+    import torch
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    name, compile_network = entry.split(":")[0], entry.endswith(":compile")
+    torch.backends.cudnn.benchmark = True
+    os.environ["nnUNet_compile"] = "t" if compile_network else "f"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    trainer = nnunet_run.short_trainer(timed(recursive_find_trainer_class_by_name(name)), dataset, epochs,
+                                       iterations, device)
+    trainer.run_training()
+    logger = getattr(trainer.logger, "local_logger", trainer.logger)
+    log = logger.my_fantastic_logging
+    epoch_s = [e - s for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])]
+    starts = log["epoch_start_timestamps"]
+    rows = [per_epoch(trainer.marks, e) for e in range(1, epochs)]  # epoch 0: compilation / capture
+    summary = {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
+    summary.update(epoch_s_median=float(np.median(epoch_s[1:])),
+                   epoch_to_epoch_s_median=float(np.median(np.diff(starts[1:]))) if epochs > 2 else None,
+                   loader_alone_ms_per_batch=trainer.loader_alone_ms,
+                   augmentation_workers=getattr(trainer.dataloader_train, "num_processes", None),
+                   patch=list(trainer.configuration_manager.patch_size), batch=trainer.batch_size,
+                   device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``main``: DATASET EPOCHS ITERATIONS TRAINER[:compile] ..."""
+    parser = argparse.ArgumentParser(prog="python -m nnunetv2_mobilevim.research.epoch_anatomy",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", choices=["demo", "shapes"])
+    parser.add_argument("epochs", type=int, help="epochs per trainer (epoch 0 is left out of the medians)")
+    parser.add_argument("iterations", type=int, help="training iterations per epoch")
+    parser.add_argument("trainers", nargs="+", metavar="TRAINER",
+                        help="trainer class names; ':compile' trains with nnUNet_compile=t")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    dataset_name, epochs, iterations = args.dataset, args.epochs, args.iterations
+
+    from .compare import prepare_dataset
+
+    root = Path(tempfile.mkdtemp(prefix="anatomy-"))
+    os.environ.update(nnunet_run.folder_variables(root), nnUNet_compile="f")
+    dataset, _, _ = prepare_dataset(dataset_name, root, processes=os.cpu_count() or 1)
+    result = {"dataset": dataset_name, "epochs": epochs, "iterations": iterations, "host_cpus": os.cpu_count(),
+              "command": "python -m nnunetv2_mobilevim.research.epoch_anatomy " + " ".join(argv),
+              "trainers": {}}
+    for entry in args.trainers:
+        summary = nnunet_run.in_fresh_process(measure, entry, dataset, epochs, iterations)
+        result["trainers"][entry] = summary
+        print(entry, json.dumps(summary), flush=True)
+    Path(os.environ.get("OUT", "/tmp")).joinpath(f"epoch_anatomy_{dataset_name}.json").write_text(
+        json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

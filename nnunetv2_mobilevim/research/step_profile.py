@@ -1,0 +1,103 @@
+"""Where an nnU-Net training iteration goes: data wait, train_step wall, GPU kernel time.
+
+Run on the GPU machine:
+    python -m nnunetv2_mobilevim.research.step_profile [shapes|demo] [TRAINER[:compile] ...]
+
+Default: shapes; nnU-Net's trainer eager and compiled, MobileViM_SGD, MobileViM. Trainers as
+nnUNetv2_train builds them, with their augmentation workers, one after another in this process; work
+folder /tmp/prof (reused once planned). Writes ``$OUT/step_profile_DATASET.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+from ..nnunet import run as nnunet_run
+
+DEFAULT_TRAINERS = ["nnUNetTrainer", "nnUNetTrainer:compile", "nnUNetTrainerMobileViM_SGD", "nnUNetTrainerMobileViM"]
+
+
+def profile_trainer(name: str, compile_flag: str, dataset: str) -> Dict:
+    """Median data wait and ``train_step`` wall over 30 steps (after 8 warm-up steps), then GPU kernel
+    time and the top CPU / GPU ops of 5 profiled steps, for trainer ``name`` with
+    ``nnUNet_compile=compile_flag`` ("t" or "f")."""
+    import torch
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ["nnUNet_compile"] = compile_flag  # read by initialize() in on_train_start
+    cls = recursive_find_trainer_class_by_name(name)
+    tr = nnunet_run.short_trainer(cls, dataset, 1, 50, torch.device("cuda"))
+    tr.on_train_start()
+    tr.network.train()
+    for _ in range(8):  # cuDNN autotuning, graph capture or compilation
+        tr.train_step(next(tr.dataloader_train))
+    torch.cuda.synchronize()
+    waits, steps = [], []
+    for _ in range(30):
+        t0 = time.perf_counter()
+        batch = next(tr.dataloader_train)
+        t1 = time.perf_counter()
+        tr.train_step(batch)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        waits.append(t1 - t0)
+        steps.append(t2 - t1)
+    batches = [next(tr.dataloader_train) for _ in range(5)]
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for b in batches:
+            tr.train_step(b)
+        torch.cuda.synchronize()
+    ev = prof.key_averages()
+    cuda = [e for e in ev if e.device_type.name == "CUDA"]
+    gpu_ms = sum(e.self_device_time_total for e in cuda) / 5 / 1000
+    top_cpu = sorted([e for e in ev if e.device_type.name == "CPU"], key=lambda e: e.cpu_time_total, reverse=True)[:15]
+    top_gpu = sorted(cuda, key=lambda e: e.self_device_time_total, reverse=True)[:10]
+    row = {"data_wait_ms": 1000 * float(np.median(waits)), "train_step_ms": 1000 * float(np.median(steps)),
+           "gpu_kernel_ms_per_step": gpu_ms, "kernels_per_step": sum(e.count for e in cuda) / 5,
+           "top_cpu": [(e.key[:60], round(e.cpu_time_total / 5 / 1000, 2), e.count // 5) for e in top_cpu],
+           "top_gpu": [(e.key[:60], round(e.self_device_time_total / 5 / 1000, 2), e.count // 5) for e in top_gpu]}
+    if hasattr(tr, "dataloader_train"):
+        tr.on_train_end()
+    return row
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m nnunetv2_mobilevim.research.step_profile",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", nargs="?", default="shapes", choices=["shapes", "demo"])
+    parser.add_argument("trainers", nargs="*", default=DEFAULT_TRAINERS, metavar="TRAINER",
+                        help="trainer class names; ':compile' trains with nnUNet_compile=t")
+    args = parser.parse_args(argv)
+
+    root = Path("/tmp/prof")
+    os.environ.update(nnunet_run.folder_variables(root))
+    import torch
+
+    from .compare import prepare_dataset
+
+    dataset, _, _ = prepare_dataset(args.dataset, root)
+    torch.backends.cudnn.benchmark = True
+    out = {}
+    for entry in args.trainers:
+        name, compile_flag = entry.split(":")[0], "t" if entry.endswith(":compile") else "f"
+        key = f"{name} compile={compile_flag}"
+        out[key] = profile_trainer(name, compile_flag, dataset)
+        print(key, json.dumps({k: v for k, v in out[key].items() if not k.startswith("top")}), flush=True)
+        for row in out[key]["top_cpu"]:
+            print("   cpu", row)
+        for row in out[key]["top_gpu"]:
+            print("   gpu", row)
+    path = Path(os.environ.get("OUT", "/tmp")).joinpath(f"step_profile_{args.dataset}.json")
+    path.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

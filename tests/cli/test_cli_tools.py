@@ -1,0 +1,123 @@
+"""The demo's and the benchmark's building blocks, the shared nnU-Net helpers (folder variables, Dice)
+and the research modules' command lines, on the CPU (nothing here trains or needs a GPU)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nnunetv2_mobilevim.cli import demo
+from nnunetv2_mobilevim.cli.benchmark import build
+from nnunetv2_mobilevim.cli.main import build_parser
+from nnunetv2_mobilevim.nnunet import run as nnunet_run
+from nnunetv2_mobilevim.nnunet.registration import ext_trainer_dir
+
+REPO = Path(__file__).resolve().parents[2]
+RESEARCH = ["compare", "synthetic", "epoch_anatomy", "loader_throughput", "step_profile", "first_call"]
+
+
+def test_demo_writes_embedded_dataset_as_nnunet_raw(tmp_path):
+    out = demo.write_raw_dataset(tmp_path)
+    assert out == tmp_path / "Dataset990_MobileViMDemo"
+    assert sorted(p.name for p in (out / "imagesTr").iterdir()) == [
+        "colin27_0000.nii.gz", "mni2009a_0000.nii.gz", "mni6asym_0000.nii.gz"]
+    assert sorted(p.name for p in (out / "labelsTr").iterdir()) == [
+        "colin27.nii.gz", "mni2009a.nii.gz", "mni6asym.nii.gz"]
+    assert [p.name for p in (out / "imagesTs").iterdir()] == ["itkperson_0000.nii.gz"]
+    assert [p.name for p in (out / "labelsTs").iterdir()] == ["itkperson.nii.gz"]
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["numTraining"] == 3 and meta["labels"] == {"background": 0, "brain": 1}
+
+
+def test_folder_variables_one_layout(tmp_path):
+    assert nnunet_run.folder_variables(tmp_path) == {
+        "nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "pre"),
+        "nnUNet_results": str(tmp_path / "res"), "nnUNet_extTrainer": str(ext_trainer_dir())}
+    demo_layout = nnunet_run.folder_variables(tmp_path, preprocessed="preprocessed", results="results")
+    assert demo_layout["nnUNet_preprocessed"] == str(tmp_path / "preprocessed")
+    assert demo_layout["nnUNet_results"] == str(tmp_path / "results")
+
+
+def test_dice_one_function_for_demo_and_compare(tmp_path):
+    pred = np.array([True, True, False, False])
+    ref = np.array([True, False, True, False])
+    assert nnunet_run.dice(pred, ref) == 0.5
+    assert nnunet_run.dice(pred, np.zeros(4, bool)) == 0.0
+    assert math.isnan(nnunet_run.dice(np.zeros(4, bool), np.zeros(4, bool)))  # nnU-Net's convention
+
+    import nibabel as nib
+
+    from nnunetv2_mobilevim.research.compare import dice_per_class
+
+    cases = {  # (reference, prediction); per-class Dice by hand
+        "a": ([0, 1, 1, 2, 0, 0, 0, 0], [0, 1, 0, 2, 2, 0, 0, 0]),  # class 1: 2/3, class 2: 2/3
+        "b": ([1, 0, 0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0]),  # class 1: 1, class 2: absent in both
+    }
+    for folder, index in (("ref", 0), ("pred", 1)):
+        (tmp_path / folder).mkdir()
+        for name, pair in cases.items():
+            volume = np.array(pair[index], dtype=np.uint8).reshape(2, 2, 2)
+            nib.save(nib.Nifti1Image(volume, np.eye(4)), str(tmp_path / folder / f"{name}.nii.gz"))
+    scores = dice_per_class(tmp_path / "pred", tmp_path / "ref", {"background": 0, "one": 1, "two": 2})
+    assert scores.keys() == {"one", "two"}
+    assert scores["one"] == pytest.approx(5 / 6, abs=1e-12)
+    assert scores["two"] == pytest.approx(2 / 3, abs=1e-12)  # the case without class 2 does not count
+
+
+def test_benchmark_flags_become_typed_options():
+    from nnunetv2_mobilevim.cli.benchmark import BenchmarkOptions
+
+    parser = build_parser()
+    assert BenchmarkOptions.from_args(parser.parse_args(["benchmark"])) == BenchmarkOptions(
+        patch=(128, 128, 128), in_channels=1, classes=4, batch=1, train_batch=2, iterations=30, warmup=5,
+        train=True, cuda_graphs=False, torch_compile=False, channels_last=False, profile=False)
+    args = parser.parse_args(["benchmark", "--patch", "64", "80", "96", "--in-channels", "2", "--classes", "3",
+                              "--batch", "4", "--train-batch", "5", "--iterations", "7", "--warmup", "1", "--no-train",
+                              "--cuda-graphs", "--compile", "--channels-last", "--profile",
+                              "--networks", "resenc_m", "mobilevim_xs"])
+    assert BenchmarkOptions.from_args(args) == BenchmarkOptions(
+        patch=(64, 80, 96), in_channels=2, classes=3, batch=4, train_batch=5, iterations=7, warmup=1, train=False,
+        cuda_graphs=True, torch_compile=True, channels_last=True, profile=True)
+    assert args.networks == ["resenc_m", "mobilevim_xs"]
+
+
+def test_benchmark_networks_by_explicit_name():
+    from nnunetv2_mobilevim.cli.benchmark import BenchmarkOptions, benchmark
+
+    net = build("mobilevim_xs", 1, 4, (32, 32, 32))
+    assert type(net).__name__ == "MobileViM" and net.config.name == "MobileViM_xs"
+    unet = build("plainconvunet", 1, 3, (32, 32, 32))
+    assert type(unet).__name__ == "PlainConvUNet" and len(unet.encoder.stages) == 4  # 32 -> 16 -> 8 -> 4
+    for name in ("mobilevim", "mobilevim_m", "unet"):
+        with pytest.raises(ValueError, match="unknown network"):
+            build(name, 1, 4, (32, 32, 32))
+    with pytest.raises(ValueError, match="unknown network"):
+        benchmark(["plainconvunet", "mobilevim"], BenchmarkOptions())  # refused before anything runs
+
+
+@pytest.mark.parametrize("name", RESEARCH)
+def test_research_module_help(name):
+    res = subprocess.run([sys.executable, "-m", f"nnunetv2_mobilevim.research.{name}", "--help"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"usage: python -m nnunetv2_mobilevim.research.{name}")
+    assert f"    python -m nnunetv2_mobilevim.research.{name} " in res.stdout  # the usage line of the docstring
+    assert "docs/benchmarks/tools" not in res.stdout
+
+
+def test_recorded_epoch_anatomy_commands_map_to_the_module():
+    from nnunetv2_mobilevim.research.epoch_anatomy import build_parser as anatomy_parser
+
+    old = "python docs/benchmarks/tools/nnunet_epoch_anatomy.py "
+    files = sorted((REPO / "docs" / "benchmarks").glob("*epoch_anatomy*.json"))
+    commands = [json.loads(p.read_text()).get("command", "") for p in files]
+    recorded = [c[len(old):].split() for c in commands if c.startswith(old)]
+    assert len(recorded) >= 6
+    for words in recorded:
+        args = anatomy_parser().parse_args(words)
+        assert (args.dataset, args.epochs, args.iterations, args.trainers) == (
+            words[0], int(words[1]), int(words[2]), words[3:])

@@ -1,0 +1,268 @@
+"""End to end through nnU-Net's real command line (no mocks), on a tiny synthetic dataset, on the CPU.
+
+plan_and_preprocess -> train (fold 0, stopped and continued with --c; fold all) -> --val --npz ->
+predict (-chk, --disable_tta, -step_size) -> evaluate_folder -> find_best_configuration ->
+ensemble -> apply_postprocessing; and the errors a user can run into.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nnunetv2_mobilevim.nnunet.registration import ext_trainer_dir
+from nnunetv2_mobilevim.research.synthetic import write_dataset
+
+pytestmark = pytest.mark.slow
+
+DATASET_ID, DATASET = 501, "Dataset501_Tiny"
+TRAINER = "nnUNetTrainerMobileViM_smoke"
+MODEL = f"{TRAINER}__nnUNetPlans__3d_fullres"
+BIN = Path(sys.executable).parent
+
+
+def nnunet_env(root: Path, ext_trainer: bool = True, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
+    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
+               nnUNet_results=str(root / "results"), nnUNet_def_n_proc="1", nnUNet_compile="f",
+               nnUNet_n_proc_DA="0", OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
+    if ext_trainer:
+        env["nnUNet_extTrainer"] = str(ext_trainer_dir())
+    env.update(extra)
+    return {k: v for k, v in env.items() if v is not None}
+
+
+def run(cmd, env, timeout=900, check=True):
+    cmd = [str(BIN / cmd[0]), *map(str, cmd[1:])]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nnunet")
+    write_dataset(root / "raw" / DATASET, cases=6, test_cases=2, shape=(32, 40, 36), num_classes=2, channels=2)
+    # planning with nnUNet_n_proc_DA=0 breaks 2.8.1's planner (torch.set_num_threads(0)), so use 1 here
+    run(["nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "2d", "3d_fullres", "-np", "1", "-npfp", "1",
+         "--verify_dataset_integrity"], nnunet_env(root, nnUNet_n_proc_DA="1"))
+    return root
+
+
+def model_dir(root: Path) -> Path:
+    return root / "results" / DATASET / MODEL
+
+
+@pytest.fixture(scope="module")
+def trained_fold0(workspace):
+    """Fold 0 trained as a user whose run died would: killed once epoch 1 started, continued with --c."""
+    env = nnunet_env(workspace)
+    cmd = [str(BIN / "nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu"]
+    fold = model_dir(workspace) / "fold_0"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    seen = []
+    try:  # stop the run once epoch 0's checkpoint is written and epoch 1 has started
+        for line in proc.stdout:
+            seen.append(line)
+            if line.rstrip().endswith("Epoch 1"):
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+    finally:
+        proc.wait(timeout=120)
+    stopped = {"latest": (fold / "checkpoint_latest.pth").is_file(), "final": (fold / "checkpoint_final.pth").exists(),
+               "output": "".join(seen[-40:])}
+    run(["nnUNetv2_train", DATASET_ID, "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu", "--c"], env)
+    return fold, stopped
+
+
+@pytest.fixture(scope="module")
+def trained_fold_all(workspace):
+    run(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", TRAINER, "-device", "cpu"], nnunet_env(workspace))
+    return model_dir(workspace) / "fold_all"
+
+
+@pytest.fixture(scope="module")
+def predictions(workspace, trained_fold0):
+    """Fold 0's predictions of the test cases, with and without test-time mirroring, probabilities saved."""
+    env = nnunet_env(workspace)
+    images, out = workspace / "raw" / DATASET / "imagesTs", workspace / "pred"
+    for name, extra in [("tta", []), ("notta", ["--disable_tta", "-step_size", "0.8"])]:
+        run(["nnUNetv2_predict", "-i", images, "-o", out / name, "-d", DATASET_ID, "-c", "3d_fullres", "-tr", TRAINER,
+             "-f", "0", "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", "1", "-nps", "1",
+             "--save_probabilities", *extra], env)
+    return out
+
+
+def test_train_stop_and_continue_fold0(trained_fold0):
+    fold, stopped = trained_fold0
+    assert stopped["latest"], stopped["output"]
+    assert not stopped["final"]
+    logs = sorted(fold.glob("training_log_*.txt"))
+    resumed = logs[-1].read_text()
+    assert "Epoch 1" in resumed and "Epoch 0\n" not in resumed, resumed  # continued, did not restart
+    assert "selective scan backend: torch" in resumed
+    assert (fold / "checkpoint_final.pth").is_file()
+    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    assert "foreground_mean" in summary and 0.0 <= summary["foreground_mean"]["Dice"] <= 1.0
+
+
+def test_validation_only_with_npz(workspace, trained_fold0):
+    run(["nnUNetv2_train", DATASET_ID, "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu", "--val", "--npz"],
+        nnunet_env(workspace))
+    npz = list((model_dir(workspace) / "fold_0" / "validation").glob("*.npz"))
+    assert len(npz) == 2  # fold 0 of 6 cases validates 2
+
+
+def test_train_fold_all(trained_fold_all):
+    assert (trained_fold_all / "checkpoint_final.pth").is_file()
+
+
+def test_predict_and_evaluate(workspace, predictions):
+    env, out = nnunet_env(workspace), predictions
+    for name in ("tta", "notta"):
+        assert len(list((out / name).glob("*.nii.gz"))) == 2
+    labels = workspace / "raw" / DATASET / "labelsTs"
+    run(["nnUNetv2_evaluate_folder", labels, out / "tta", "-djfile", out / "tta" / "dataset.json",
+         "-pfile", out / "tta" / "plans.json", "-np", "1"], env)
+    summary = json.loads((out / "tta" / "summary.json").read_text())
+    assert set(summary["mean"]) == {"1", "2"}
+    # ensemble of the two prediction folders (probabilities were saved)
+    run(["nnUNetv2_ensemble", "-i", out / "tta", out / "notta", "-o", out / "ensemble", "-np", "1"], env)
+    assert len(list((out / "ensemble").glob("*.nii.gz"))) == 2
+
+
+def test_find_best_configuration_and_postprocessing(workspace, trained_fold0, predictions):
+    env = nnunet_env(workspace)
+    run(["nnUNetv2_find_best_configuration", DATASET_ID, "-c", "3d_fullres", "-tr", TRAINER, "-f", "0",
+         "--disable_ensembling", "-np", "1"], env)
+    inference = (model_dir(workspace).parent / "inference_instructions.txt").read_text()
+    assert TRAINER in inference
+    pp = model_dir(workspace) / "crossval_results_folds_0" / "postprocessing.pkl"
+    assert pp.is_file()
+    src, dst = predictions / "tta", predictions / "pp"
+    run(["nnUNetv2_apply_postprocessing", "-i", src, "-o", dst, "-pp_pkl_file", pp, "-np", "1",
+         "-plans_json", model_dir(workspace) / "crossval_results_folds_0" / "plans.json"], env)
+    assert len(list(dst.glob("*.nii.gz"))) == 2
+
+
+def test_deep_supervision_outputs_pair_with_targets(workspace):
+    """The trainer's scales and the network's outputs agree for the plan nnU-Net actually made."""
+    import torch
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunetv2_mobilevim.nnunet.trainers import nnUNetTrainerMobileViM
+
+    plans = json.loads((workspace / "preprocessed" / DATASET / "nnUNetPlans.json").read_text())
+    dataset_json = json.loads((workspace / "preprocessed" / DATASET / "dataset.json").read_text())
+    os.environ.setdefault("nnUNet_preprocessed", str(workspace / "preprocessed"))
+    os.environ.setdefault("nnUNet_results", str(workspace / "results"))
+    cm = PlansManager(plans).get_configuration("3d_fullres")
+    plans["continue_training"] = False  # nnU-Net 2.8.1's run_training sets this before building a trainer
+    trainer = nnUNetTrainerMobileViM(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+    net = trainer.build_network_architecture(PlansManager(plans), cm, 2, 3, True)
+    outs = net(torch.zeros(2, 2, *cm.patch_size))
+    scales = trainer._get_deep_supervision_scales()
+    assert len(outs) == len(scales)
+    for out, scale in zip(outs, scales):
+        assert list(out.shape[2:]) == [round(p * s) for p, s in zip(cm.patch_size, scale)]
+
+
+def test_2d_configuration_is_refused_with_advice(workspace):
+    res = run(["nnUNetv2_train", DATASET_ID, "2d", "0", "-tr", TRAINER, "-device", "cpu"], nnunet_env(workspace),
+              check=False)
+    assert res.returncode != 0
+    assert "MobileViM is a 3D network" in res.stderr and "3d_fullres" in res.stderr
+
+
+def test_forgotten_ext_trainer_variable(workspace):
+    res = run(["nnUNetv2_train", DATASET_ID, "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu"],
+              nnunet_env(workspace, ext_trainer=False), check=False)
+    assert res.returncode != 0
+    assert "Could not find requested nnunet trainer" in res.stderr and "nnUNet_extTrainer" in res.stderr
+
+
+def test_missing_nnunet_path_variables(workspace):
+    env = nnunet_env(workspace)
+    del env["nnUNet_preprocessed"]
+    res = run(["nnUNetv2_train", DATASET_ID, "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu"], env, check=False)
+    assert res.returncode != 0
+    assert "nnUNet_preprocessed" in res.stdout + res.stderr
+    check = run(["nnunetv2_mobilevim", "check"], env, check=False)
+    assert check.returncode == 1 and "nnUNet_preprocessed" in check.stdout
+
+
+def test_wrong_number_of_input_channels_at_prediction(workspace, trained_fold0):
+    """The model was trained on 2 channels; a folder with only _0000 files reaches the network, which says so.
+    (With more channels than trained, nnU-Net's own preprocessing fails first: see docs/nnunet.md.)"""
+    src = workspace / "raw" / DATASET / "imagesTs"
+    bad = workspace / "one_channel_input"
+    bad.mkdir(exist_ok=True)
+    for f in src.glob("*_0000.nii.gz"):
+        shutil.copy(f, bad / f.name)
+    res = run(["nnUNetv2_predict", "-i", bad, "-o", workspace / "pred_bad", "-d", DATASET_ID, "-c", "3d_fullres",
+               "-tr", TRAINER, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"],
+              nnunet_env(workspace), check=False)
+    assert res.returncode != 0
+    assert "built for 2 input channel(s), got 1" in res.stdout + res.stderr
+
+
+def test_truncated_checkpoint_is_reported_and_nothing_is_lost(workspace, trained_fold_all):
+    fold = trained_fold_all
+    final = fold / "checkpoint_final.pth"
+    data = final.read_bytes()
+    final.write_bytes(data[: len(data) // 3])
+    try:
+        res = run(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", TRAINER, "-device", "cpu", "--c"],
+                  nnunet_env(workspace), check=False)
+        assert res.returncode != 0
+        assert "truncated, corrupt" in res.stderr and "--c" in res.stderr
+        assert final.stat().st_size == len(data) // 3  # untouched: nothing overwritten
+        check = run(["nnunetv2_mobilevim", "check"], nnunet_env(workspace), check=False)
+        assert "cannot be read" in check.stdout and str(final) in check.stdout
+    finally:
+        final.write_bytes(data)
+
+
+@pytest.mark.parametrize("name,optimizer", [("nnUNetTrainerMobileViM", "AdamW"),
+                                            ("nnUNetTrainerMobileViM_xs", "AdamW"),
+                                            ("nnUNetTrainerMobileViM_SGD", "SGD"),
+                                            ("nnUNetTrainerMobileViM_xs_SGD", "SGD")])
+def test_trainer_recipes_initialise(workspace, name, optimizer):
+    """Each trainer builds through nnU-Net's own initialize() with its recipe: the default AdamW with
+    a cosine from 1e-3 to 1e-5, the _SGD variants nnU-Net's SGD with poly decay from 1e-2."""
+    for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
+        os.environ.setdefault(var, str(workspace / sub))  # before nnunetv2.paths is first imported
+    os.environ["nnUNet_extTrainer"] = str(ext_trainer_dir())
+    import torch
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    cls = recursive_find_trainer_class_by_name(name)
+    plans = json.loads((workspace / "preprocessed" / DATASET / "nnUNetPlans.json").read_text())
+    dataset_json = json.loads((workspace / "preprocessed" / DATASET / "dataset.json").read_text())
+    plans["continue_training"] = False
+    trainer = cls(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+    trainer.initialize()
+    from nnunetv2_mobilevim.nnunet import optim  # SGD: torch's, whose fused kernel survives skipped steps
+    assert type(trainer.optimizer) is {"AdamW": torch.optim.AdamW, "SGD": optim.SGD}[optimizer]
+    assert trainer.network.config.name == ("MobileViM_xs" if "_xs" in name else "MobileViM_s")
+    assert trainer.graphed_train_step is None  # CUDA graphs only on a GPU
+    group = trainer.optimizer.param_groups[0]
+    if optimizer == "SGD":  # nnU-Net's own settings
+        assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.99, True, 3e-5)
+    else:
+        assert group["weight_decay"] == pytest.approx(0.03)
+    assert not group["fused"]  # the fused kernel only on GPUs
+    start, end = (1e-3, 1e-5) if optimizer == "AdamW" else (1e-2, 0.0)
+    trainer.lr_scheduler.step(0)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(start)
+    trainer.lr_scheduler.step(trainer.num_epochs)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(end, abs=1e-6)
