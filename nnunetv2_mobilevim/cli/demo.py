@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -21,29 +20,12 @@ from typing import Optional
 
 import numpy as np
 
+from ..demo_data import DATA, DATASET, DATASET_ID, write_raw_dataset
 from ..nnunet import run as nnunet_run
-
-DATASET_ID, DATASET = 990, "Dataset990_MobileViMDemo"
-DATA = Path(__file__).resolve().parent.parent / "demo_data"
 
 
 def _step(msg: str, t0: float) -> None:
     print(f"[demo {time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
-
-
-def write_raw_dataset(raw: Path) -> Path:
-    out = raw / DATASET
-    for folder in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
-        shutil.copytree(DATA / folder, out / folder, dirs_exist_ok=True)
-    (out / "dataset.json").write_text(json.dumps({
-        "channel_names": {"0": "T1"},
-        "labels": {"background": 0, "brain": 1},
-        "numTraining": len(list((out / "labelsTr").glob("*.nii.gz"))),
-        "file_ending": ".nii.gz",
-        "name": DATASET,
-        "description": "brain extraction on real head MRI, see nnunetv2_mobilevim/demo_data/PROVENANCE.md",
-    }, indent=2))
-    return out
 
 
 def save_overlay(image: np.ndarray, pred: np.ndarray, ref: np.ndarray, path: Path, title: str) -> None:

@@ -49,9 +49,9 @@ def dice_per_class(pred_dir: Path, ref_dir: Path, labels: Dict[str, int]) -> Dic
 def prepare_dataset(name: str, root: Path, processes: int = 8) -> Tuple[str, int, Path]:
     """Write ``name`` ("demo" or "shapes") as an nnU-Net raw dataset under ``root/raw`` and plan and
     preprocess it into ``nnUNet_preprocessed`` (skipped if already done); returns (dataset, id, raw folder)."""
-    from ..cli.demo import DATASET as DEMO
-    from ..cli.demo import DATASET_ID as DEMO_ID
-    from ..cli.demo import write_raw_dataset
+    from ..demo_data import DATASET as DEMO
+    from ..demo_data import DATASET_ID as DEMO_ID
+    from ..demo_data import write_raw_dataset
     from .synthetic import write_dataset
 
     dataset, dataset_id = (DEMO, DEMO_ID) if name == "demo" else (SHAPES, SHAPES_ID)
