@@ -12,10 +12,10 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from nnunet_commands import BIN, nnunet_env, run
 
 from nnunetv2_mobilevim.nnunet.registration import ext_trainer_dir
 from nnunetv2_mobilevim.research.synthetic import write_dataset
@@ -25,26 +25,6 @@ pytestmark = pytest.mark.slow
 DATASET_ID, DATASET = 501, "Dataset501_Tiny"
 TRAINER = "nnUNetTrainerMobileViM_smoke"
 MODEL = f"{TRAINER}__nnUNetPlans__3d_fullres"
-BIN = Path(sys.executable).parent
-
-
-def nnunet_env(root: Path, ext_trainer: bool = True, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
-    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
-               nnUNet_results=str(root / "results"), nnUNet_def_n_proc="1", nnUNet_compile="f",
-               nnUNet_n_proc_DA="0", OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
-    if ext_trainer:
-        env["nnUNet_extTrainer"] = str(ext_trainer_dir())
-    env.update(extra)
-    return {k: v for k, v in env.items() if v is not None}
-
-
-def run(cmd, env, timeout=900, check=True):
-    cmd = [str(BIN / cmd[0]), *map(str, cmd[1:])]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    return res
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from nnunet_commands import nnunet_env, run
 
-from nnunetv2_mobilevim.nnunet.registration import ext_trainer_dir
 from nnunetv2_mobilevim.research.synthetic import write_dataset
 
 pytestmark = pytest.mark.slow
@@ -35,25 +32,6 @@ IGNORE = 3  # Dataset511: background + 2 classes, so the ignore label is 3
 TRAINER = "nnUNetTrainerMobileViM_smoke"
 TRAINERS = ["nnUNetTrainerMobileViM", "nnUNetTrainerMobileViM_xs", "nnUNetTrainerMobileViM_SGD",
             "nnUNetTrainerMobileViM_xs_SGD"]
-BIN = Path(sys.executable).parent
-
-
-def nnunet_env(root: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
-    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
-               nnUNet_results=str(root / "results"), nnUNet_def_n_proc="1", nnUNet_compile="f",
-               nnUNet_n_proc_DA="0", nnUNet_extTrainer=str(ext_trainer_dir()), OMP_NUM_THREADS="2",
-               PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
-
-
-def run(cmd, env, timeout=600):
-    cmd = [str(BIN / cmd[0]), *map(str, cmd[1:])]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if res.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    return res
 
 
 @pytest.fixture(scope="module")
