@@ -1,12 +1,13 @@
-"""What every CUDA-graph capture in this package shares: the key a graph is valid for, autocast
-without its weight cache, cuDNN's algorithm choice while capturing, and how a failure is reported."""
+"""What every CUDA-graph capture in this package shares: the key a graph is valid for (with nnU-Net's
+deep-supervision switch), autocast without its weight cache, cuDNN's algorithm choice while capturing,
+and how a failure is reported."""
 
 from __future__ import annotations
 
 from typing import Hashable, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class FastPathWarning(RuntimeWarning):
@@ -18,6 +19,12 @@ def graph_key(x: Tensor, signature: Hashable = None) -> Tuple:
     dtype (None without autocast) and a caller's ``signature`` (e.g. deep supervision on or off)."""
     amp_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
     return tuple(x.shape), x.dtype, x.device, amp_dtype, signature
+
+
+def deep_supervision_switch(network: nn.Module):
+    """nnU-Net's switch for deep supervision (``network.decoder.deep_supervision``, which its trainer
+    sets), None for a network without one: a captured graph is valid for one setting."""
+    return getattr(getattr(network, "decoder", None), "deep_supervision", None)
 
 
 def uncached_autocast():

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils._pytree import tree_map
 
-from .cuda_graphs import FastPathWarning, cudnn_autotuning, graph_key, uncached_autocast  # noqa: F401 (re-exported)
+from .cuda_graphs import FastPathWarning, cudnn_autotuning, deep_supervision_switch, graph_key, uncached_autocast  # noqa: F401 (re-exported)
 
 _CONVS = (nn.Conv3d, nn.ConvTranspose3d)
 
@@ -114,3 +114,113 @@ class CUDAGraphRunner:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 static_out = self.module(static_in)
         return graph, static_in, static_out
+
+
+class FastInference(nn.Module):
+    """Any nnU-Net network with a faster eval forward: in eval mode, on CUDA, without gradients, a
+    BatchNorm-folded copy replayed from CUDA graphs (``CUDAGraphRunner``, contiguous weights), which gives
+    the same logits; in training, on the CPU, with gradients or under torch.compile, the network itself.
+
+        net = FastInference(network)        # network: (B, C, *spatial) -> logits, or a list with deep supervision
+        net.eval(); with torch.no_grad(): logits = net(x)
+
+    A drop-in for the network: ``state_dict`` keys are the network's (checkpoints do not change), and
+    attributes the wrapper lacks are read from the network (nnU-Net sets ``decoder.deep_supervision``, which
+    the replay follows). The folded copy is rebuilt when the weights may have changed: after ``train()``
+    or ``load_state_dict``, and a ``.to()`` that replaces tensors also drops the captured graphs. Change
+    weights otherwise (in place, in eval mode) and the replay keeps the old ones.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+        self._runtime = _Runtime()
+        # the network's own keys in and out ("encoder.x", not "network.encoder.x")
+        self.register_state_dict_post_hook(_drop_prefix_on_save)
+        if hasattr(self, "register_load_state_dict_pre_hook"):
+            self.register_load_state_dict_pre_hook(_add_prefix_on_load)
+        else:  # torch < 2.5 has the hook under its private name only
+            self._register_load_state_dict_pre_hook(_add_prefix_on_load, with_module=True)
+        self.register_load_state_dict_post_hook(_after_load)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("network"), name)
+
+    def forward(self, x: Tensor):
+        if (self.training or torch.is_grad_enabled() or not replay_possible(x)
+                or torch.compiler.is_compiling()):  # under torch.compile the compiler owns the graph
+            return self.network(x)
+        rt = self._runtime
+        if rt.folded is None or rt.stale:
+            folded = fold_batchnorm(self.network).to(memory_format=torch.contiguous_format)  # faster for inference
+            if rt.folded is None:
+                rt.folded = folded
+                rt.runner = CUDAGraphRunner(folded, signature_fn=lambda: deep_supervision_switch(folded))
+            else:  # into the captured copy's own tensors, so that its CUDA graphs stay valid
+                rt.folded.load_state_dict(folded.state_dict())
+            rt.stale = False
+        decoder = getattr(rt.folded, "decoder", None)
+        if decoder is not None and hasattr(decoder, "deep_supervision"):  # nnU-Net switches it for validation
+            decoder.deep_supervision = deep_supervision_switch(self.network)
+        return rt.runner(x)
+
+    def train(self, mode: bool = True) -> "FastInference":
+        if mode:
+            self._runtime.stale = True  # weights may change while training; eval() alone changes none
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .half() may replace the tensors the CUDA graphs read; nnU-Net's predictor calls
+        # .to(device) for every case, which moves nothing and must keep them
+        before = _tensor_identity(self)
+        result = super()._apply(fn, *args, **kwargs)
+        if _tensor_identity(self) != before:
+            self._runtime = _Runtime()
+        return result
+
+
+class _Runtime:
+    """What ``FastInference`` builds at run time: the folded copy and its ``CUDAGraphRunner``. A deep copy
+    of the wrapper starts empty instead of copying captured graphs."""
+
+    def __init__(self) -> None:
+        self.folded: nn.Module | None = None
+        self.runner: CUDAGraphRunner | None = None
+        self.stale = True
+
+    def __deepcopy__(self, memo) -> "_Runtime":
+        return _Runtime()
+
+
+def _tensor_identity(module: nn.Module) -> list:
+    """Address, dtype, device and layout of every parameter and buffer: what a captured graph reads."""
+    return [(t.data_ptr(), t.dtype, t.device, t.stride()) for t in (*module.parameters(), *module.buffers())]
+
+
+def _drop_prefix_on_save(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    _rename(state_dict, prefix + "network.", prefix)
+    metadata = getattr(state_dict, "_metadata", None)  # module versions, keyed by prefix without the dot
+    if metadata is not None:
+        _rename(metadata, prefix + "network.", prefix)
+        metadata.pop(prefix + "network", None)  # the network's own entry; the wrapper's stands in for it
+
+
+def _add_prefix_on_load(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "network.")]:
+        state_dict[prefix + "network." + key[len(prefix):]] = state_dict.pop(key)
+
+
+def _after_load(module: "FastInference", incompatible_keys) -> None:
+    module._runtime.stale = True
+    for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):  # name keys as saved
+        keys[:] = [k.replace("network.", "", 1) for k in keys]
+
+
+def _rename(mapping: dict, old: str, new: str) -> None:
+    """Replace the key prefix ``old`` by ``new`` in place, keeping the order of the keys."""
+    for key in list(mapping):
+        value = mapping.pop(key)
+        mapping[new + key[len(old):] if key.startswith(old) else key] = value

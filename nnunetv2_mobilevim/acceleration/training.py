@@ -1,7 +1,7 @@
 """Training replayed from CUDA graphs, in two scopes:
 
 - ``TrainingGraphs``: the network's forward and backward (loss, GradScaler and optimiser stay eager),
-  for any training loop: ``MobileViM.enable_cuda_graph_training()``;
+  for any training loop: ``TrainingGraphs(network, network.forward)``;
 - ``GraphedTrainStep``: a whole training step (forward, loss, backward, unscale, clipping, optimiser
   update, GradScaler update) as one graph, for a loop whose step is known, as nnU-Net's is
   (``nnUNetTrainerMobileViM``).
@@ -36,7 +36,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .cuda_graphs import FastPathWarning, cudnn_autotuning, graph_key, training_capture_failed, uncached_autocast
+from .cuda_graphs import (
+    FastPathWarning,
+    cudnn_autotuning,
+    deep_supervision_switch,
+    graph_key,
+    training_capture_failed,
+    uncached_autocast,
+)
 
 
 class _CapturedStep:
@@ -127,22 +134,24 @@ class TrainingGraphs:
         graphs = TrainingGraphs(network, network.forward)
         loss = loss_fn(graphs(x), y); loss.backward()   # gradients land in network's .grad as usual
 
-    One capture per (shape, dtype, device, autocast dtype, ``signature_fn()``), at most ``max_graphs``;
-    other calls run ``forward_fn`` eagerly. The first call for a signature runs ``warmup`` eager
+    One capture per (shape, dtype, device, autocast dtype, ``signature_fn()``; by default nnU-Net's
+    deep-supervision switch), at most ``max_graphs``; other calls, and calls in eval mode, without
+    gradients or off CUDA, run ``forward_fn`` eagerly. The first call for a signature runs ``warmup`` eager
     forward/backward passes on a side stream, then captures. Outputs are the graph's static tensors:
     use them before the next call.
     """
 
     def __init__(self, module: nn.Module, forward_fn: Callable[[Tensor], Any], max_graphs: int = 2,
-                 warmup: int = 3, signature_fn: Callable[[], Hashable] = lambda: None) -> None:
+                 warmup: int = 3, signature_fn: Optional[Callable[[], Hashable]] = None) -> None:
         self.module, self.forward_fn = module, forward_fn
-        self.max_graphs, self.warmup, self.signature_fn = max_graphs, warmup, signature_fn
+        self.max_graphs, self.warmup = max_graphs, warmup
+        self.signature_fn = signature_fn or (lambda: deep_supervision_switch(module))
         self._steps: Dict[Tuple, _CapturedStep] = {}
         self._anchor: Optional[Tensor] = None
         self._eager_told: set = set()
 
     def __call__(self, x: Tensor) -> Any:
-        if not (x.is_cuda and torch.is_grad_enabled()) or x.requires_grad:
+        if not (x.is_cuda and torch.is_grad_enabled() and self.module.training) or x.requires_grad:
             return self.forward_fn(x)
         key = graph_key(x, self.signature_fn())
         step = self._steps.get(key)

@@ -194,16 +194,14 @@ def measure(name: str, options: BenchmarkOptions) -> Dict:
         if o.cuda_graphs:
             from ..acceleration.training import TrainingGraphs
 
-            if ours:  # what nnUNetTrainerMobileViM does: graphs + channels_last_3d
-                forward = net.enable_cuda_graph_training()
-            else:
-                forward = TrainingGraphs(net, net.forward)
+            if ours:  # in channels_last_3d, as nnUNetTrainerMobileViM trains it
+                net.to(memory_format=torch.channels_last_3d)
             torch.cuda.reset_peak_memory_stats()
+            forward = TrainingGraphs(net, net.forward)
             row["train_step_ms_graph"] = _train_step_ms(net, forward, xt, target, o.iterations, o.warmup)
             row["train_peak_gb_graph"] = torch.cuda.max_memory_allocated() / 2 ** 30
-            if ours:
-                net.cuda_graph_training = False
-                net.to(memory_format=layout)
+            del forward
+            net.to(memory_format=layout)
         if o.profile and ours:
             row["train_profile"] = profile_train_step(net, xt, target)
         if o.torch_compile and not ours:  # MobileViM trains through CUDA graphs instead

@@ -40,7 +40,9 @@ import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import nn
 
+from ..acceleration.inference import FastInference
 from ..acceleration.training import GraphedTrainStep
 from ..networks.mobilevim.network import NUM_DOWNSAMPLINGS, MobileViM, deep_supervision_scales
 from ..ssm import describe_backend, resolve_backend
@@ -76,6 +78,9 @@ def require_3d(configuration_manager: ConfigurationManager, configuration: str =
 class nnUNetTrainerMobileViMBase(nnUNetTrainer):
     """The base of every MobileViM trainer: MobileViM (``mobilevim_variant``) adapted to nnU-Net, no recipe.
 
+    The network comes from ``network_from_plan``; ``build_network_architecture`` (nnU-Net's hook, also
+    used by its predictor) wraps it for prediction in ``acceleration.inference.FastInference``.
+
     A recipe is a subclass that defines ``configure_optimizers`` (wrapping its optimiser in
     ``optim.portable_checkpoints``, passing ``**self._fused()``) and, where it differs from nnU-Net's,
     ``initial_lr`` / ``weight_decay`` / the epoch budget in ``__init__``.
@@ -90,18 +95,25 @@ class nnUNetTrainerMobileViMBase(nnUNetTrainer):
         self.graphed_train_step: GraphedTrainStep | None = None  # set by initialize() on a single GPU
 
     @classmethod
-    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                                   num_input_channels: int, num_output_channels: int,
-                                   enable_deep_supervision: bool = True) -> MobileViM:
+    def network_from_plan(cls, configuration_manager: ConfigurationManager, num_input_channels: int,
+                          num_output_channels: int, enable_deep_supervision: bool) -> nn.Module:
+        """The network for this plan, as its paper defines it: what a trainer for another network overrides."""
         require_3d(configuration_manager)
-        # enable_deep_supervision=False is how nnU-Net's predictor builds the network: give it the
-        # BatchNorm-folded, CUDA-graph-replayed forward (same logits; only active in eval on CUDA).
         network = MobileViM(input_channels=num_input_channels, num_classes=num_output_channels,
                             variant=cls.mobilevim_variant, strides=strides_from_plan(configuration_manager),
-                            deep_supervision=enable_deep_supervision,
-                            fast_inference=not enable_deep_supervision and cuda_graphs_enabled())
+                            deep_supervision=enable_deep_supervision)
         network.check_input_size(configuration_manager.patch_size)
         return network
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        network = cls.network_from_plan(configuration_manager, num_input_channels, num_output_channels,
+                                        enable_deep_supervision)
+        # enable_deep_supervision=False is how nnU-Net's predictor builds the network: give it the
+        # BatchNorm-folded, CUDA-graph-replayed forward (same logits and state_dict; only in eval on CUDA)
+        return FastInference(network) if not enable_deep_supervision and cuda_graphs_enabled() else network
 
     def _get_deep_supervision_scales(self):
         if not self.enable_deep_supervision:
@@ -154,9 +166,11 @@ class nnUNetTrainerMobileViMBase(nnUNetTrainer):
     def initialize(self):
         super().initialize()
         if self._use_cuda_graphs():
-            # channels_last_3d: see MobileViM.enable_cuda_graph_training; the optimiser keeps the same Parameters
+            # channels_last_3d: MobileViM's convolutions and BatchNorms train faster in it (docs/benchmarks.md);
+            # the optimiser keeps the same Parameters
             self.network.to(memory_format=torch.channels_last_3d)
-            self.network.fast_inference = True  # validation: BatchNorm folded, replayed from a CUDA graph
+            if not isinstance(self.network, FastInference):  # validation: BatchNorm folded, replayed
+                self.network = FastInference(self.network)
             self.graphed_train_step = self._new_graphed_step()
 
     def _new_graphed_step(self) -> GraphedTrainStep:

@@ -3,7 +3,7 @@
     python -m nnunetv2_mobilevim.research.first_call 0|1 NETWORK
 
 ``0|1``: cuDNN autotuning off / on (``torch.backends.cudnn.benchmark``); NETWORK: a name of
-``nnunetv2_mobilevim benchmark --networks`` (MobileViM with ``fast_inference=True``, nnU-Net's networks
+``nnunetv2_mobilevim benchmark --networks`` (MobileViM wrapped in ``FastInference``, nnU-Net's networks
 as the benchmark builds them), 1 input channel, 4 classes, one 128^3 volume, fp16 autocast, on the GPU.
 Prints one JSON line: the seconds of kernel loading (MobileViM), of the first three calls, and the
 steady milliseconds per call (mean of 50).
@@ -33,14 +33,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     torch.backends.cudnn.benchmark = bench
     res = {"cudnn_benchmark": bench, "network": name}
     if name in MOBILEVIM_VARIANTS:
+        from ..acceleration.inference import FastInference
         from ..networks.mobilevim import MobileViM
         from ..ssm import load_kernels
 
         t = time.perf_counter()
         load_kernels()
         res["load_kernels_s"] = time.perf_counter() - t
-        net = MobileViM(input_channels=1, num_classes=4, variant=MOBILEVIM_VARIANTS[name],
-                        fast_inference=True).cuda().eval()
+        net = FastInference(MobileViM(input_channels=1, num_classes=4, variant=MOBILEVIM_VARIANTS[name])).cuda().eval()
     else:
         net = build(name, 1, 4, [128] * 3).cuda().eval()
     x = torch.randn(1, 1, 128, 128, 128, device="cuda")

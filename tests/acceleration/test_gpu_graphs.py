@@ -23,8 +23,8 @@ import torch
 from gpu_helpers import rel_err, rel_l2, report, use_torch_scan
 
 from nnunetv2_mobilevim import MobileViM
-from nnunetv2_mobilevim.acceleration.inference import CUDAGraphRunner, FastPathWarning, fold_batchnorm
-from nnunetv2_mobilevim.acceleration.training import GraphedTrainStep
+from nnunetv2_mobilevim.acceleration.inference import CUDAGraphRunner, FastInference, FastPathWarning, fold_batchnorm
+from nnunetv2_mobilevim.acceleration.training import GraphedTrainStep, TrainingGraphs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -55,14 +55,14 @@ def test_cuda_graph_and_folded_batchnorm_keep_the_logits(no_tf32):
 def test_fast_inference_follows_loaded_weights(no_tf32):
     """nnU-Net's predictor reloads the state dict for every case: the captured graph must use the new weights."""
     torch.manual_seed(0)
-    a = MobileViM(input_channels=1, num_classes=3, variant="xs", fast_inference=True).cuda().eval()
+    a = FastInference(MobileViM(input_channels=1, num_classes=3, variant="xs")).cuda().eval()
     b = MobileViM(input_channels=1, num_classes=3, variant="xs").cuda().eval()
     x = torch.randn(1, 1, 64, 64, 64, device="cuda")
     with torch.inference_mode():
         first = a(x)
         a.load_state_dict(b.state_dict())
         second, expected = a(x), b(x)
-    assert a._runtime.fast is not None  # the fast path ran
+    assert a._runtime.folded is not None  # the fast path ran
     assert rel_err(second, expected) < FP32_TOL
     assert rel_err(first, expected) > 1e-2
 
@@ -72,7 +72,7 @@ def test_fast_inference_under_autocast_follows_new_weights_across_autocast_regio
     changed in between. The graph must cast the live weights each replay, not reuse autocast's cached
     half-precision copies from the region it was captured in (freed when that region ends)."""
     torch.manual_seed(0)
-    a = MobileViM(input_channels=1, num_classes=3, variant="xs", fast_inference=True).cuda().eval()
+    a = FastInference(MobileViM(input_channels=1, num_classes=3, variant="xs")).cuda().eval()
     b = MobileViM(input_channels=1, num_classes=3, variant="xs").cuda().eval()
     x = torch.randn(1, 1, 64, 64, 64, device="cuda")
     with torch.no_grad():
@@ -84,7 +84,7 @@ def test_fast_inference_under_autocast_follows_new_weights_across_autocast_regio
             second = a(x)
         with torch.autocast("cuda", dtype=torch.float16):
             expected = b(x)
-    assert a._runtime.fast is not None and len(a._runtime.fast[1]) == 1
+    assert a._runtime.folded is not None and len(a._runtime.runner) == 1
     report("fast inference after new weights, separate fp16 autocast regions, max relative", rel_err(second, expected))
     assert rel_err(second, expected) < FP16_TOL
 
@@ -98,7 +98,7 @@ def test_fast_inference_with_deep_supervision_as_in_validation(no_tf32):
         net(torch.randn(2, 1, 64, 64, 64, device="cuda") * 3 + 1)
     net.eval()
     plain = copy.deepcopy(net)
-    net.fast_inference = True
+    net = FastInference(net)
     x = torch.randn(2, 1, 64, 64, 64, device="cuda")
     for deep_supervision in (True, False, True):
         net.decoder.deep_supervision = plain.decoder.deep_supervision = deep_supervision
@@ -121,7 +121,7 @@ def test_noop_to_keeps_graphs_in_nnunets_predictor(no_tf32, monkeypatch):
     monkeypatch.setattr(CUDAGraphRunner, "_capture",
                         lambda runner, x: captures.append(x.shape) or real_capture(runner, x))
     torch.manual_seed(0)
-    net = MobileViM(input_channels=1, num_classes=3, variant="xs", fast_inference=True).cuda().eval()
+    net = FastInference(MobileViM(input_channels=1, num_classes=3, variant="xs")).cuda().eval()
     plain = MobileViM(input_channels=1, num_classes=3, variant="xs").cuda().eval()
     weights = {k: v.clone() for k, v in net.state_dict().items()}
 
@@ -190,7 +190,7 @@ def test_graphed_training_matches_eager_over_optimizer_steps(deterministic_cuda,
     torch.manual_seed(0)
     eager = use_torch_scan(MobileViM(input_channels=1, num_classes=3, variant="xs", deep_supervision=True))
     eager = eager.cuda().train().to(memory_format=torch.channels_last_3d)  # as the trainers train
-    nets = (copy.deepcopy(eager).enable_cuda_graph_training(), eager, copy.deepcopy(eager))  # graphed, ref, twin
+    nets = (_Graphed(copy.deepcopy(eager)), eager, copy.deepcopy(eager))  # graphed, ref, twin
     optimizers = [torch.optim.SGD(n.parameters(), lr=1e-2) for n in nets]
     tol = 1e-2 if amp else FP32_TOL
     generator = torch.Generator().manual_seed(0)
@@ -214,13 +214,26 @@ def test_graphed_training_matches_eager_over_optimizer_steps(deterministic_cuda,
             report(f"{label} vs eager, {'fp16' if amp else 'fp32'}, step {step}: outputs (max rel) / gradients "
                    f"(rel L2) {err_out:.2e} /", err_grad)
             assert err_out < tol and err_grad < tol, (label, step, err_out, err_grad)
-    assert len(nets[0]._runtime.training_graphs) == 1  # captured once, replayed after
+    assert len(nets[0].graphs) == 1  # captured once, replayed after
     stats = [torch.cat([b.float().flatten() for b in n.buffers()]) for n in nets]
     report("graphed vs eager BatchNorm running statistics after the last step, max relative",
            rel_err(stats[0], stats[1]))
     assert rel_err(stats[0], stats[1]) < tol
     counts = [m.num_batches_tracked.item() for m in nets[0].modules() if isinstance(m, torch.nn.BatchNorm3d)]
     assert counts and set(counts) == {4}
+
+
+class _Graphed(torch.nn.Module):
+    """``network`` trained through ``TrainingGraphs`` in channels_last_3d (as the trainers train it), with
+    the network's parameters and buffers in their order."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network = network.to(memory_format=torch.channels_last_3d)
+        self.graphs = TrainingGraphs(network, network.forward)
+
+    def forward(self, x):
+        return self.graphs(x)
 
 
 def _copy_state(source: torch.nn.Module, targets) -> None:
@@ -240,7 +253,7 @@ def test_graphed_training_accumulates_gradients(deterministic_cuda, set_to_none)
     torch.manual_seed(0)
     eager = use_torch_scan(MobileViM(input_channels=1, num_classes=2, variant="xs", deep_supervision=True))
     eager = eager.cuda().train()
-    graphed = copy.deepcopy(eager).enable_cuda_graph_training()
+    graphed = _Graphed(copy.deepcopy(eager))
     eager.to(memory_format=torch.channels_last_3d)
     xs = [torch.randn(2, 1, 64, 64, 64, device="cuda") for _ in range(3)]
 

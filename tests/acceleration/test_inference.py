@@ -10,7 +10,7 @@ from torch import nn
 
 from nnunetv2_mobilevim import MobileViM
 from nnunetv2_mobilevim.acceleration import inference as fast_inference
-from nnunetv2_mobilevim.acceleration.inference import fold_batchnorm
+from nnunetv2_mobilevim.acceleration.inference import FastInference, fold_batchnorm
 
 
 def test_folded_network_gives_the_same_logits():
@@ -26,45 +26,78 @@ def test_folded_network_gives_the_same_logits():
     assert sum(isinstance(m, nn.BatchNorm3d) for m in net.modules()) == total  # the original is untouched
 
 
-def test_fast_inference_flag_is_inert_on_the_cpu():
+def test_fast_inference_is_inert_on_the_cpu():
     torch.manual_seed(0)
-    net = MobileViM(input_channels=1, num_classes=2, variant="xs", fast_inference=True).eval()
     plain = MobileViM(input_channels=1, num_classes=2, variant="xs").eval()
-    plain.load_state_dict(net.state_dict())
+    net = FastInference(copy.deepcopy(plain)).eval()
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(net(x), plain(x))
-    assert net._runtime.fast is None
+        torch.testing.assert_close(net(x), plain(x), rtol=0, atol=0)
+    assert net._runtime.folded is None
 
 
-def test_graph_training_flag_is_inert_on_the_cpu_and_copies_start_empty():
-    """On the CPU the flag changes nothing (outputs and gradients equal the plain network's), and a deep
-    copy (nnU-Net's checkpoint handling, fold_batchnorm) never carries captured state along."""
-    import copy
+def test_fast_inference_is_a_drop_in_for_the_network():
+    """The wrapper reads and writes the network's checkpoints (same keys in the same order, module
+    versions kept), names mismatching keys as the checkpoint does, trains the same parameters, and
+    passes nnU-Net's deep-supervision switch through."""
+    torch.manual_seed(0)
+    plain = _randomise_batchnorm(MobileViM(input_channels=1, num_classes=2, variant="xs", deep_supervision=True))
+    net = FastInference(copy.deepcopy(plain))
+    saved, expected = net.state_dict(), plain.state_dict()
+    assert list(saved) == list(expected)
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+    assert saved._metadata == expected._metadata
+    assert [id(p) for p in net.parameters()] == [id(p) for p in net.network.parameters()]
+
+    other = MobileViM(input_channels=1, num_classes=2, variant="xs", deep_supervision=True)
+    net.load_state_dict(other.state_dict())  # a plain network's checkpoint into the wrapper
+    assert torch.equal(net.network.encoder.stem[0].weight, other.encoder.stem[0].weight)
+    plain.load_state_dict(net.state_dict())  # and back
+    assert torch.equal(plain.encoder.stem[0].weight, other.encoder.stem[0].weight)
+
+    broken = other.state_dict()
+    broken["extra.weight"] = broken.pop("encoder.stem.0.weight")
+    with pytest.raises(RuntimeError) as err:
+        net.load_state_dict(broken)
+    assert '"encoder.stem.0.weight"' in str(err.value) and '"extra.weight"' in str(err.value)
+    assert "network." not in str(err.value)
+
+    net.decoder.deep_supervision = False  # as nnU-Net's set_deep_supervision_enabled does it
+    assert net.network.decoder.deep_supervision is False and net.config.name == plain.config.name
+
+
+def test_fast_inference_copies_start_empty_and_real_moves_drop_what_was_built():
+    """A deep copy never carries captured state along; a move that moves nothing keeps it (nnU-Net's
+    predictor calls .to(device) per case), new tensors drop it."""
+    net = FastInference(MobileViM(input_channels=1, num_classes=2, variant="xs"))
+    net._runtime.folded = object()  # stands in for the captured copy
+    assert copy.deepcopy(net)._runtime.folded is None
+    net.to("cpu")
+    assert net._runtime.folded is not None
+    net.to(torch.float64).to(torch.float32)
+    assert net._runtime.folded is None
+
+
+def test_training_graphs_are_inert_on_the_cpu():
+    """On the CPU ``TrainingGraphs`` runs the network itself: outputs and gradients equal the plain
+    network's (here in channels_last_3d, as the trainer trains it)."""
+    from nnunetv2_mobilevim.acceleration.training import TrainingGraphs
 
     torch.manual_seed(0)
     net = MobileViM(input_channels=1, num_classes=2, variant="xs", deep_supervision=True)
     plain = copy.deepcopy(net)
-    net.enable_cuda_graph_training()  # graphs (CUDA only) + channels_last_3d weights
-    assert net.cuda_graph_training and net.encoder.stem[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    net.to(memory_format=torch.channels_last_3d)
+    graphs = TrainingGraphs(net, net.forward)
     x = torch.randn(2, 1, 32, 32, 32)
-    outs, refs = net(x), plain(x)
+    outs, refs = graphs(x), plain(x)
     assert isinstance(outs, list) and len(outs) == len(refs) == 4
     sum(o.square().mean() for o in outs).backward()
     sum(o.square().mean() for o in refs).backward()
-    def rel(a, b):  # the channels_last convolutions sum in another order: compare at the tensor's scale
-        return ((a - b).abs().max() / b.abs().max()).item()
-
-    assert max(rel(o, r) for o, r in zip(outs, refs)) < 1e-4
+    # the channels_last convolutions sum in another order: compare at the tensor's scale
+    assert max(_rel(o, r) for o, r in zip(outs, refs)) < 1e-4
     grads = [torch.cat([p.grad.flatten() for p in n.parameters()]) for n in (net, plain)]
-    assert rel(*grads) < 1e-4
-    assert net._runtime.training_graphs is None
-    net._runtime.training_graphs = object()  # stands in for captured graphs
-    assert copy.deepcopy(net)._runtime.training_graphs is None
-    net.to("cpu")
-    assert net._runtime.training_graphs is not None  # a move that moves nothing keeps it
-    net.to(torch.float64).to(torch.float32)
-    assert net._runtime.training_graphs is None  # new tensors: what was captured is dropped
+    assert _rel(*grads) < 1e-4
+    assert len(graphs) == 0
 
 
 def test_graphed_backward_puts_gradients_on_grad_and_accumulates():
@@ -100,7 +133,7 @@ def test_graphed_backward_puts_gradients_on_grad_and_accumulates():
 
 @pytest.fixture
 def cpu_replay(monkeypatch):
-    """Let ``fast_inference=True`` networks take their fast path on CPU tensors, with the CUDA graph
+    """Let ``FastInference`` networks take their fast path on CPU tensors, with the CUDA graph
     replaced by an object that keeps the graph's contract: fixed input and output buffers, and a
     ``replay()`` that recomputes the outputs from the live weights of the captured module (as a
     replayed graph reads the live parameters it was captured on). Records every capture."""
@@ -147,10 +180,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_fast_path_runs_the_folded_copy_and_follows_new_weights(cpu_replay):
     """The fast path replays a BatchNorm-folded copy; new weights (load_state_dict, as nnU-Net's
     predictor does per case; an optimiser step between train() and eval(), as in validation) reach it."""
-    net = _randomise_batchnorm(MobileViM(input_channels=1, num_classes=3, variant="xs", fast_inference=True)).eval()
+    plain = _randomise_batchnorm(MobileViM(input_channels=1, num_classes=3, variant="xs")).eval()
     other = _randomise_batchnorm(MobileViM(input_channels=1, num_classes=3, variant="xs")).eval()
-    plain = copy.deepcopy(net)
-    plain.fast_inference = False
+    net = FastInference(copy.deepcopy(plain)).eval()
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
         assert _rel(net(x), plain(x)) < 1e-5
@@ -175,7 +207,7 @@ def test_fast_path_runs_the_folded_copy_and_follows_new_weights(cpu_replay):
 def test_noop_to_keeps_graphs_real_moves_do_not(cpu_replay):
     """[noop_to_keeps_graphs] nnU-Net's predictor calls network.to(device) for every case: a move that
     moves nothing keeps the folded copy and its graphs; a new dtype or layout rebuilds them."""
-    net = _randomise_batchnorm(MobileViM(input_channels=1, num_classes=2, variant="xs", fast_inference=True)).eval()
+    net = FastInference(_randomise_batchnorm(MobileViM(input_channels=1, num_classes=2, variant="xs"))).eval()
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
         expected = net(x)
@@ -251,3 +283,20 @@ def test_capture_thread_safe_every_capture_checks_only_its_thread():
                 calls.append((path.name, node.lineno, modes))
     assert len(calls) >= 4, calls  # inference, forward and backward of the training graphs, the whole step
     assert all(modes == ["thread_local"] for _, _, modes in calls), calls
+
+
+def test_fast_path_follows_the_deep_supervision_switch(cpu_replay):
+    """nnU-Net validates with deep supervision on and predicts with it off, on one network: each
+    setting gets its own capture and the outputs of the plain network in that setting."""
+    plain = _randomise_batchnorm(MobileViM(input_channels=1, num_classes=2, variant="xs", deep_supervision=True))
+    net = FastInference(copy.deepcopy(plain)).eval()
+    plain.eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        outs, refs = net(x), plain(x)
+        assert isinstance(outs, list) and len(outs) == len(refs) == 4
+        assert max(_rel(o, r) for o, r in zip(outs, refs)) < 1e-5
+        net.decoder.deep_supervision = plain.decoder.deep_supervision = False
+        out = net(x)
+        assert isinstance(out, torch.Tensor) and _rel(out, plain(x)) < 1e-5
+    assert len(cpu_replay) == 2

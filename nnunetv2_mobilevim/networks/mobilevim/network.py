@@ -14,11 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...acceleration import inference as _replay
 from .config import MobileViMConfig, load_config
 from .conv_blocks import ConvNormAct, MBConvDownsample, Stride, as_stride, pad_to_multiple, prod_strides
 from .decoder import MobileViMDecoder
@@ -65,24 +63,17 @@ class MobileViM(nn.Module):
         variant: ``"s"``, ``"xs"``, a path to a JSON config, or a :class:`MobileViMConfig`.
         strides: four per-axis strides (stem and three downsamplings); default 2 on every axis.
         deep_supervision: return [full-res logits, then lower-resolution logits] for nnU-Net's loss.
-        fast_inference: in eval mode on CUDA without gradients, run a BatchNorm-folded copy replayed
-            from a CUDA graph (same logits, see ``acceleration/inference.py``). Off by default; the trainers
-            turn it on for the networks nnU-Net's predictor builds and for validation.
-        cuda_graph_training: in train mode on CUDA with gradients, replay forward and backward from
-            CUDA graphs captured per input shape (``acceleration/training.py``; same outputs and gradients),
-            for training loops of your own. Off by default; the nnU-Net trainers replay their whole
-            step instead (``acceleration.training.GraphedTrainStep``).
         **overrides: any :class:`MobileViMConfig` field, e.g. ``dual_direction=False`` (ablation).
 
     Forward: (B, input_channels, D, H, W) -> (B, num_classes, D, H, W), or a list of logits with deep
     supervision, highest resolution first, at the per-axis scales in ``deep_supervision_scales``.
+    Speed-ups wrap it from outside (``acceleration.inference.FastInference``, ``acceleration.training``).
     """
 
     def __init__(self, *, input_channels: int, num_classes: int,
                  variant: Union[str, Path, MobileViMConfig] = "s",
                  strides: Optional[Sequence[Union[int, Sequence[int]]]] = None,
-                 deep_supervision: bool = False, fast_inference: bool = False, cuda_graph_training: bool = False,
-                 **overrides) -> None:
+                 deep_supervision: bool = False, **overrides) -> None:
         super().__init__()
         config = load_config(variant)
         if overrides:
@@ -102,60 +93,6 @@ class MobileViM(nn.Module):
         self.decoder = MobileViMDecoder(config.stage_channels, self.strides[1:], self.num_classes,
                                         config.bottleneck_expand, config.uplink_expand, config.norm,
                                         scale_bridger=config.scale_bridger, deep_supervision=deep_supervision)
-        self.fast_inference = fast_inference
-        self.cuda_graph_training = cuda_graph_training
-        self._runtime = _RuntimeState()
-        self.register_load_state_dict_post_hook(lambda module, keys: module._runtime.mark_weights_changed())
-
-    def train(self, mode: bool = True):
-        if mode:
-            self._runtime.mark_weights_changed()  # weights may change while training; eval() alone changes none
-        return super().train(mode)
-
-    def _apply(self, fn, *args, **kwargs):
-        # .to() / .cuda() / .half() may replace the tensors the CUDA graphs captured; nnU-Net's predictor
-        # calls .to(device) for every case, which moves nothing and must keep them
-        before = self._tensor_identity()
-        result = super()._apply(fn, *args, **kwargs)
-        if self._tensor_identity() != before:
-            self._runtime.clear()
-        return result
-
-    def _tensor_identity(self) -> List[Tuple]:
-        """Address, dtype, device and layout of every parameter and buffer: what a captured graph reads."""
-        return [(t.data_ptr(), t.dtype, t.device, t.stride())
-                for t in (*self.parameters(), *self.buffers())]
-
-    def _fast_forward(self, x: Tensor) -> Tensor:
-        rt = self._runtime
-        if rt.fast is None or rt.fast_stale:
-            folded = _replay.fold_batchnorm(self)  # deep copies start with an empty _RuntimeState
-            folded.fast_inference = False
-            folded.to(memory_format=torch.contiguous_format)  # the faster layout for inference
-            if rt.fast is None:
-                runner = _replay.CUDAGraphRunner(folded, signature_fn=lambda: folded.decoder.deep_supervision)
-                rt.fast = (folded, runner)
-            else:  # copy into the captured copy's own tensors, so its CUDA graphs stay valid
-                rt.fast[0].load_state_dict(folded.state_dict())
-            rt.fast_stale = False
-        rt.fast[0].decoder.deep_supervision = self.decoder.deep_supervision  # nnU-Net switches it for validation
-        return rt.fast[1](x)
-
-    def enable_cuda_graph_training(self) -> "MobileViM":
-        """Train through CUDA graphs (``cuda_graph_training``) with the weights in channels_last_3d: on an
-        H100 that layout made the graphed training step of MobileViM_s 35 -> 28 ms (its BatchNorm and
-        convolution kernels run without layout transposes), while inference stays fastest contiguous
-        (the folded inference copy is made contiguous). docs/benchmarks.md has the numbers."""
-        self.cuda_graph_training = True
-        return self.to(memory_format=torch.channels_last_3d)
-
-    def _graphed_training_forward(self, x: Tensor):
-        from ...acceleration.training import TrainingGraphs
-
-        if self._runtime.training_graphs is None:
-            self._runtime.training_graphs = TrainingGraphs(
-                self, self._forward_eager, signature_fn=lambda: self.decoder.deep_supervision)
-        return self._runtime.training_graphs(x)
 
     @property
     def total_stride(self) -> Stride:
@@ -179,18 +116,6 @@ class MobileViM(nn.Module):
                 f"patch size {list(spatial)} is too small for the strides {[list(s) for s in self.strides]}: "
                 f"each axis must be at least the total stride {list(need)} (ideally a multiple of it)")
 
-    def forward(self, x: Tensor):
-        if (self.fast_inference and _replay.replay_possible(x) and not self.training
-                and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):  # under torch.compile the compiler owns the graph
-            self._check_input(x)
-            return self._fast_forward(x)
-        if (self.cuda_graph_training and x.is_cuda and self.training and torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):
-            self._check_input(x)  # here, not inside the graphed forward, so errors name the real input
-            return self._graphed_training_forward(x)
-        return self._forward_eager(x)
-
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 5:
             raise ValueError(f"expected a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}")
@@ -199,7 +124,7 @@ class MobileViM(nn.Module):
                              f"got {x.shape[1]} (input shape {tuple(x.shape)})")
         self.check_input_size(x.shape[2:])
 
-    def _forward_eager(self, x: Tensor):
+    def forward(self, x: Tensor):
         self._check_input(x)
         size = x.shape[2:]
         xp = pad_to_multiple(x, self.total_stride)
@@ -233,22 +158,3 @@ def count_parameters(module: nn.Module, deep_supervision_heads: bool = True) -> 
         total -= sum(p.numel() for p in module.decoder.ds_heads.parameters())
     return total
 
-
-class _RuntimeState:
-    """What a MobileViM builds for speed at run time: the BatchNorm-folded inference copy with its CUDA
-    graphs, and the training graphs. Not module state: a deep copy (``fold_batchnorm``, nnU-Net's
-    checkpoint averaging) starts empty instead of copying captured graphs."""
-
-    def __init__(self) -> None:
-        self.fast = None  # (folded copy, CUDAGraphRunner)
-        self.fast_stale = True
-        self.training_graphs = None  # acceleration.training.TrainingGraphs
-
-    def mark_weights_changed(self) -> None:
-        self.fast_stale = True
-
-    def clear(self) -> None:
-        self.__init__()
-
-    def __deepcopy__(self, memo) -> "_RuntimeState":
-        return _RuntimeState()
