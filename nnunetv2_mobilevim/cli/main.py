@@ -1,4 +1,4 @@
-"""The ``nnunetv2_mobilevim`` command: summary, ext-path, check, demo, benchmark.
+"""The ``nnunetv2_mobilevim`` command: summary, ext-path, check, demo, augment-check, benchmark.
 
 Each sub-command lives in its own module; this file only parses arguments and turns expected
 failures (bad arguments, missing packages) into a one-line message and a non-zero exit code.
@@ -70,10 +70,23 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     return run_benchmark(args)
 
 
+def _cmd_augment_check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .augment_check import run_augment_check
+
+    try:
+        return run_augment_check(args.dataset, args.configuration, Path(args.output), plans=args.plans,
+                                 cases=args.cases, draws=args.draws, device=args.device, seed=args.seed)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nnunetv2_mobilevim",
-        description="MobileViM_s / MobileViM_xs for stock nnU-Net v2: describe, check, register, demo, benchmark.")
+        description="MobileViM_s / MobileViM_xs for stock nnU-Net v2: describe, check, register, demo, "
+                    "augment-check, benchmark.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -102,6 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--trainer", default="nnUNetTrainerMobileViM", help="trainer class (default MobileViM_s)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("augment-check", help="compare the device augmentation with nnU-Net's on a dataset")
+    p.add_argument("-d", "--dataset", required=True, help="dataset id or name (preprocessed)")
+    p.add_argument("-c", "--configuration", default="3d_fullres", help="configuration (default 3d_fullres)")
+    p.add_argument("-o", "--output", required=True, help="folder for augment_check.json and augment_check.png")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("--cases", type=_positive, default=4, help="cases loaded with nnU-Net's loader (default 4)")
+    p.add_argument("--draws", type=_positive, default=32, help="random draws per transform and case (default 32)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_augment_check)
 
     p = sub.add_parser("benchmark", help="side-by-side GPU benchmark against nnU-Net's networks")
     from .benchmark import add_arguments

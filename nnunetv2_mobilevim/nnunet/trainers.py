@@ -13,6 +13,9 @@ relative to ``nnUNetTrainer``:
 - deep-supervision scales: taken from the network, so every output has a target of its size;
 - torch.compile: off unless ``nnUNet_compile`` is set to true explicitly (nnU-Net 2.8 compiles by
   default on CUDA; the mamba-ssm kernels are opaque to the compiler, see docs/nnunet.md);
+- data augmentation: nnU-Net's training transforms run batched on the GPU, the worker processes only
+  load and crop (``device_augmentation.DeviceAugmentation``; ``NNUNETV2_MOBILEVIM_DEVICE_AUGMENTATION=0``
+  keeps nnU-Net's pipeline);
 - on a single GPU the whole training step (forward, nnU-Net's loss, GradScaler, clipping, optimiser
   update) is replayed from one CUDA graph, see ``acceleration.training.GraphedTrainStep``; the optimiser
   runs its fused kernel (same update, fewer launches, no host sync; ``optim.SGD`` keeps it exact after
@@ -31,7 +34,6 @@ else is nnU-Net's (1000 epochs x 250 iterations, Dice + CE with deep supervision
 
 from __future__ import annotations
 
-import functools
 import os
 from contextlib import nullcontext
 from typing import List
@@ -46,17 +48,12 @@ from ..acceleration.inference import FastInference
 from ..acceleration.training import GraphedTrainStep
 from ..networks.mobilevim.network import NUM_DOWNSAMPLINGS, MobileViM, deep_supervision_scales
 from ..ssm import describe_backend, resolve_backend
+from .device_augmentation import DeviceAugmentation
 from .lr_schedulers import CosineLRScheduler
 from .optim import CHECKPOINT_KEYS, SGD, checkpoint_mismatch, contiguous_state_dict, portable_checkpoints
+from .switches import cuda_graphs_enabled
 
 THREE_D_CONFIGURATIONS = ("3d_fullres", "3d_lowres", "3d_cascade_fullres")
-
-
-@functools.lru_cache(maxsize=1)
-def cuda_graphs_enabled() -> bool:
-    """``NNUNETV2_MOBILEVIM_CUDA_GRAPHS`` (read once per process): 0/false/no turns every CUDA-graph
-    replay off, in training (the step, validation) and in prediction."""
-    return os.environ.get("NNUNETV2_MOBILEVIM_CUDA_GRAPHS", "1").strip().lower() not in ("0", "false", "f", "no")
 
 
 def strides_from_plan(configuration_manager: ConfigurationManager) -> List[List[int]]:
@@ -75,7 +72,7 @@ def require_3d(configuration_manager: ConfigurationManager, configuration: str =
             f"(whichever your plans contain), e.g. nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerMobileViM.")
 
 
-class nnUNetTrainerMobileViMBase(nnUNetTrainer):
+class nnUNetTrainerMobileViMBase(DeviceAugmentation, nnUNetTrainer):
     """The base of every MobileViM trainer: MobileViM (``mobilevim_variant``) adapted to nnU-Net, no recipe.
 
     The network comes from ``network_from_plan``; ``build_network_architecture`` (nnU-Net's hook, also
@@ -177,6 +174,7 @@ class nnUNetTrainerMobileViMBase(nnUNetTrainer):
         return GraphedTrainStep(self._train_step_on_device, [self.optimizer], log=self.print_to_log_file)
 
     def train_step(self, batch: dict) -> dict:
+        batch = self.augment_batch(batch)
         if self.graphed_train_step is None:
             return super().train_step(batch)
         target = batch["target"]

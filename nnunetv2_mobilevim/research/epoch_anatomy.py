@@ -1,13 +1,15 @@
 """Where nnU-Net's epoch time goes, per trainer: waiting for the data loader, the training step,
 validation, and the rest; and how fast nnU-Net's data loader alone delivers batches on this host.
 
-    python -m nnunetv2_mobilevim.research.epoch_anatomy demo|shapes EPOCHS ITERATIONS TRAINER[:compile] ...
+    python -m nnunetv2_mobilevim.research.epoch_anatomy demo|shapes EPOCHS ITERATIONS TRAINER[:OPTION...] ...
 
 Each trainer runs nnU-Net's own ``run_training`` loop in a fresh Python process, as ``compare`` does
 (fold ``all``, EPOCHS x ITERATIONS, a fifth as many validation iterations, its default augmentation
-workers); only timestamps are added around its hooks. ``TRAINER:compile`` trains with
-``nnUNet_compile=t``. Before training, the loader alone is timed (100 batches after 20 warm-up
-batches, GPU idle): no network can make an epoch shorter than ITERATIONS of those. Writes
+workers); only timestamps are added around its hooks. Options after the trainer's name: ``compile``
+trains with ``nnUNet_compile=t``; ``da=0|1`` sets ``NNUNETV2_MOBILEVIM_DEVICE_AUGMENTATION`` (nnU-Net's
+augmentation in the workers, or on the device); ``procs=N`` sets ``nnUNet_n_proc_DA`` (augmentation
+workers). The peak GPU memory of each run is recorded. Before training, the loader alone is timed
+(100 batches after 20 warm-up batches, GPU idle): no network can make an epoch shorter than ITERATIONS of those. Writes
 ``$OUT/epoch_anatomy_DATASET.json``.
 """
 
@@ -92,9 +94,15 @@ def measure(entry, dataset, epochs, iterations):
     import torch
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    name, compile_network = entry.split(":")[0], entry.endswith(":compile")
+    name, *options = entry.split(":")
     torch.backends.cudnn.benchmark = True
-    os.environ["nnUNet_compile"] = "t" if compile_network else "f"
+    os.environ["nnUNet_compile"] = "t" if "compile" in options else "f"
+    for option in options:  # this process is fresh: the switches are read after this
+        key, _, value = option.partition("=")
+        if key in ("da", "procs"):
+            os.environ[{"da": "NNUNETV2_MOBILEVIM_DEVICE_AUGMENTATION", "procs": "nnUNet_n_proc_DA"}[key]] = value
+        elif key != "compile":
+            raise ValueError(f"unknown option {option!r} in {entry!r}: compile, da=0|1, procs=N")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     trainer = nnunet_run.short_trainer(timed(recursive_find_trainer_class_by_name(name)), dataset, epochs,
                                        iterations, device)
@@ -109,6 +117,9 @@ def measure(entry, dataset, epochs, iterations):
                    epoch_to_epoch_s_median=float(np.median(np.diff(starts[1:]))) if epochs > 2 else None,
                    loader_alone_ms_per_batch=trainer.loader_alone_ms,
                    augmentation_workers=getattr(trainer.dataloader_train, "num_processes", None),
+                   augmentation_on_device=getattr(trainer, "device_pipeline", None) is not None,
+                   peak_gpu_memory_gb=(torch.cuda.max_memory_allocated() / 2 ** 30
+                                       if torch.cuda.is_available() else None),
                    patch=list(trainer.configuration_manager.patch_size), batch=trainer.batch_size,
                    device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
     return summary
@@ -122,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("epochs", type=int, help="epochs per trainer (epoch 0 is left out of the medians)")
     parser.add_argument("iterations", type=int, help="training iterations per epoch")
     parser.add_argument("trainers", nargs="+", metavar="TRAINER",
-                        help="trainer class names; ':compile' trains with nnUNet_compile=t")
+                        help="trainer class names, optionally with :compile, :da=0|1, :procs=N")
+    parser.add_argument("--root", default=None, help="folder for nnU-Net's folders (reused when the dataset is "
+                                                     "already preprocessed there; default: a new temporary folder)")
     return parser
 
 
@@ -133,7 +146,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     from .compare import prepare_dataset
 
-    root = Path(tempfile.mkdtemp(prefix="anatomy-"))
+    root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="anatomy-"))
+    root.mkdir(parents=True, exist_ok=True)
     os.environ.update(nnunet_run.folder_variables(root), nnUNet_compile="f")
     dataset, _, _ = prepare_dataset(dataset_name, root, processes=os.cpu_count() or 1)
     result = {"dataset": dataset_name, "epochs": epochs, "iterations": iterations, "host_cpus": os.cpu_count(),

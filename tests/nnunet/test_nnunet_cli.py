@@ -246,3 +246,101 @@ def test_trainer_recipes_initialise(workspace, name, optimizer):
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(start)
     trainer.lr_scheduler.step(trainer.num_epochs)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(end, abs=1e-6)
+
+
+# --- nnU-Net's augmentation on the training device (issue 14) -----------------------------------------
+
+def _training_log(fold: Path) -> str:
+    return "".join(p.read_text() for p in sorted(fold.glob("training_log_*.txt")))
+
+
+def test_default_cpu_run_keeps_nnunets_augmentation_and_says_so(trained_fold0):
+    fold, _ = trained_fold0
+    assert "data augmentation: nnU-Net's pipeline in the worker processes (training on cpu" in _training_log(fold)
+
+
+def test_device_augmentation_through_the_command_line(workspace):
+    """NNUNETV2_MOBILEVIM_DEVICE_AUGMENTATION=1: nnU-Net's transforms run batched in the training process
+    (here on the CPU), the workers only load and crop; training, validation and the checkpoint work."""
+    results = workspace / "results_device_augmentation"
+    env = nnunet_env(workspace, nnUNet_results=str(results), NNUNETV2_MOBILEVIM_DEVICE_AUGMENTATION="1")
+    run(["nnUNetv2_train", DATASET_ID, "3d_fullres", "1", "-tr", TRAINER, "-device", "cpu"], env)
+    fold = results / DATASET / MODEL / "fold_1"
+    log = _training_log(fold)
+    assert "data augmentation: batched on cpu (SpatialTransform, GaussianNoiseTransform," in log
+    assert "DownsampleSegForDSTransform); the worker processes load and crop only" in log
+    assert (fold / "checkpoint_final.pth").is_file() and (fold / "validation" / "summary.json").is_file()
+
+
+def test_nnunets_own_trainer_with_device_augmentation_in_2d(workspace, tmp_path):
+    """``nnUNetTrainer_DeviceAug`` (nnU-Net's network and recipe) on the 2d configuration, through a
+    short subclass in an extra trainer folder, as a user would shorten it."""
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    (ext / "short_device_aug.py").write_text(
+        "from nnunetv2_mobilevim.nnunet.device_augmentation import nnUNetTrainer_DeviceAug\n\n\n"
+        "class nnUNetTrainer_DeviceAug_short(nnUNetTrainer_DeviceAug):\n"
+        "    def __init__(self, plans, configuration, fold, dataset_json, device):\n"
+        "        super().__init__(plans, configuration, fold, dataset_json, device)\n"
+        "        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1, 3, 1\n")
+    results = workspace / "results_device_aug_2d"
+    env = nnunet_env(workspace, nnUNet_results=str(results),
+                     nnUNet_extTrainer=os.pathsep.join([str(ext_trainer_dir()), str(ext)]))
+    run(["nnUNetv2_train", DATASET_ID, "2d", "0", "-tr", "nnUNetTrainer_DeviceAug_short", "-device", "cpu"], env)
+    fold = results / DATASET / "nnUNetTrainer_DeviceAug_short__nnUNetPlans__2d" / "fold_0"
+    assert "data augmentation: batched on cpu (SpatialTransform," in _training_log(fold)
+    assert (fold / "checkpoint_final.pth").is_file()
+
+
+def test_augment_check_command_on_the_dataset(workspace, tmp_path):
+    """``nnunetv2_mobilevim augment-check`` on the preprocessed dataset: every transform agrees with
+    nnU-Net's, one JSON entry per transform, the side-by-side PNG written."""
+    out = tmp_path / "check"
+    res = run(["nnunetv2_mobilevim", "augment-check", "-d", DATASET_ID, "-c", "3d_fullres", "-o", out,
+               "--cases", "2", "--draws", "16", "--device", "cpu"], nnunet_env(workspace), check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads((out / "augment_check.json").read_text())
+    names = [e["transform"] for e in report["transforms"]]
+    assert names[0] == "SpatialTransform" and names[-1] == "DownsampleSegForDSTransform" and len(names) == 11
+    assert report["ok"] and all(e["ok"] and {"statistic", "nnunet", "device", "tolerance"} <= set(e)
+                                for e in report["transforms"])
+    assert (out / "augment_check.png").stat().st_size > 10_000
+
+
+def test_explicit_device_augmentation_refuses_what_it_cannot_run(workspace, monkeypatch):
+    """The cascade's transforms cannot run on the device: nnUNetTrainer_DeviceAug (an explicit request)
+    stops with the names and the switch; a MobileViM trainer (automatic) on a GPU-less run keeps
+    nnU-Net's pipeline, and with the switch on it stops as well."""
+    import torch
+
+    from nnunetv2_mobilevim.nnunet import device_augmentation as module
+    from nnunetv2_mobilevim.nnunet.trainers import nnUNetTrainerMobileViM
+
+    plans = json.loads((workspace / "preprocessed" / DATASET / "nnUNetPlans.json").read_text())
+    dataset_json = json.loads((workspace / "preprocessed" / DATASET / "dataset.json").read_text())
+    for key, value in nnunet_env(workspace).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("NNUNETV2_MOBILEVIM_DEVICE_AUGMENTATION", raising=False)
+    module.device_augmentation_switch.cache_clear()
+    args = ([32, 40, 36], (-0.5, 0.5), None, (0, 1, 2), False)
+    kwargs = dict(is_cascaded=True, foreground_labels=[1, 2])
+
+    def trainer(cls):
+        plans["continue_training"] = False
+        t = cls(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+        t.print_to_log_file = lambda *a, **k: None
+        return t
+
+    with pytest.raises(RuntimeError) as err:
+        trainer(module.nnUNetTrainer_DeviceAug).get_training_transforms(*args, **kwargs)
+    message = str(err.value)
+    assert "MoveSegAsOneHotToDataTransform" in message and "NNUNETV2_MOBILEVIM_DEVICE_AUGMENTATION=0" in message
+    mobilevim = trainer(nnUNetTrainerMobileViM)
+    assert mobilevim.get_training_transforms(*args, **kwargs) is not None and mobilevim.device_pipeline is None
+    monkeypatch.setenv("NNUNETV2_MOBILEVIM_DEVICE_AUGMENTATION", "1")
+    module.device_augmentation_switch.cache_clear()
+    try:
+        with pytest.raises(RuntimeError):
+            trainer(nnUNetTrainerMobileViM).get_training_transforms(*args, **kwargs)
+    finally:
+        module.device_augmentation_switch.cache_clear()
