@@ -1,4 +1,4 @@
-"""The ``nnunetv2_mobilevim`` command: summary, ext-path, check, demo, augment-check, benchmark.
+"""The ``nnunetv2_mobilevim`` command: summary, ext-path, check, demo, predict, augment-check, benchmark.
 
 Each sub-command lives in its own module; this file only parses arguments and turns expected
 failures (bad arguments, missing packages) into a one-line message and a non-zero exit code.
@@ -82,11 +82,20 @@ def _cmd_augment_check(args: argparse.Namespace) -> int:
         raise UserError(str(err)) from None
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import run_predict
+
+    try:
+        return run_predict(args)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nnunetv2_mobilevim",
         description="MobileViM_s / MobileViM_xs for stock nnU-Net v2: describe, check, register, demo, "
-                    "augment-check, benchmark.")
+                    "predict, augment-check, benchmark.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -115,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--trainer", default="nnUNetTrainerMobileViM", help="trainer class (default MobileViM_s)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("predict", help="nnUNetv2_predict's command, same flags and outputs, started faster")
+    from .predict import add_arguments as add_predict_arguments
+
+    add_predict_arguments(p)
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("augment-check", help="compare the device augmentation with nnU-Net's on a dataset")
     p.add_argument("-d", "--dataset", required=True, help="dataset id or name (preprocessed)")

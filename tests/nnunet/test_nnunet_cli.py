@@ -120,6 +120,51 @@ def test_predict_and_evaluate(workspace, predictions):
     assert len(list((out / "ensemble").glob("*.nii.gz"))) == 2
 
 
+def assert_same_predictions(ours: Path, theirs: Path, probabilities: bool) -> None:
+    """The same output files; per file the same geometry and dtype, Dice >= 0.999 per label; with
+    probabilities, the largest absolute difference of the .npz probabilities at most 1e-6."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    names = sorted(p.name for p in theirs.glob("*.nii.gz"))
+    assert names and sorted(p.name for p in ours.glob("*.nii.gz")) == names
+    for name in names:
+        a, b = sitk.ReadImage(str(ours / name)), sitk.ReadImage(str(theirs / name))
+        assert (a.GetSpacing(), a.GetOrigin(), a.GetDirection()) == (b.GetSpacing(), b.GetOrigin(), b.GetDirection())
+        x, y = sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        for label in np.unique(y):
+            both = np.logical_and(x == label, y == label).sum()
+            assert 2 * both / ((x == label).sum() + (y == label).sum()) >= 0.999, (name, label)
+        if probabilities:
+            stem = name[:-len(".nii.gz")]
+            pa, pb = np.load(ours / f"{stem}.npz")["probabilities"], np.load(theirs / f"{stem}.npz")["probabilities"]
+            assert np.abs(pa - pb).max() <= 1e-6 and (ours / f"{stem}.pkl").is_file()
+
+
+def test_predict_command_gives_nnunets_outputs(workspace, predictions):
+    """``nnunetv2_mobilevim predict`` with nnUNetv2_predict's flags and the same model: the same files,
+    geometry, labels and probabilities as nnU-Net's command; its probabilities ensemble with nnU-Net's tool."""
+    env = nnunet_env(workspace)
+    images, out = workspace / "raw" / DATASET / "imagesTs", workspace / "pred_ours"
+    for name, extra in [("tta", []), ("notta", ["--disable_tta", "-step_size", "0.8"])]:
+        res = run(["nnunetv2_mobilevim", "predict", "-i", images, "-o", out / name, "-d", DATASET_ID, "-c",
+                   "3d_fullres", "-tr", TRAINER, "-f", "0", "-chk", "checkpoint_final.pth", "-device", "cpu",
+                   "-npp", "1", "-nps", "1", "--save_probabilities", *extra], env)
+        assert "nnunetv2_mobilevim predict: 2 case(s) in" in res.stdout and "device cpu" in res.stdout
+        assert_same_predictions(out / name, predictions / name, probabilities=True)
+    for source, target in ((out, out / "ensemble"), (predictions, out / "ensemble_of_stock")):
+        run(["nnUNetv2_ensemble", "-i", source / "tta", source / "notta", "-o", target, "-np", "1"], env)
+    assert_same_predictions(out / "ensemble", out / "ensemble_of_stock", probabilities=False)
+
+
+def test_predict_command_errors_say_what_to_do(workspace):
+    env = nnunet_env(workspace)
+    res = run(["nnunetv2_mobilevim", "predict", "-i", workspace, "-o", workspace / "x", "-d", DATASET_ID, "-c",
+               "3d_fullres", "-tr", "nnUNetTrainerNotTrained", "-device", "cpu"], env, check=False)
+    assert res.returncode == 2 and "no trained model in" in res.stderr and "nnUNet_results" in res.stderr
+
+
 def test_find_best_configuration_and_postprocessing(workspace, trained_fold0, predictions):
     env = nnunet_env(workspace)
     run(["nnUNetv2_find_best_configuration", DATASET_ID, "-c", "3d_fullres", "-tr", TRAINER, "-f", "0",
@@ -290,6 +335,13 @@ def test_nnunets_own_trainer_with_device_augmentation_in_2d(workspace, tmp_path)
     fold = results / DATASET / "nnUNetTrainer_DeviceAug_short__nnUNetPlans__2d" / "fold_0"
     assert "data augmentation: batched on cpu (SpatialTransform," in _training_log(fold)
     assert (fold / "checkpoint_final.pth").is_file()
+    # nnU-Net's own network, a trainer from an extra folder: `predict` finds it by nnU-Net's search, same outputs
+    images, out = workspace / "raw" / DATASET / "imagesTs", tmp_path / "pred"
+    flags = ["-i", images, "-d", DATASET_ID, "-c", "2d", "-tr", "nnUNetTrainer_DeviceAug_short", "-f", "0", "-device",
+             "cpu", "-npp", "1", "-nps", "1", "--disable_tta"]
+    run(["nnUNetv2_predict", "-o", out / "stock", *flags], env)
+    run(["nnunetv2_mobilevim", "predict", "-o", out / "ours", *flags], env)
+    assert_same_predictions(out / "ours", out / "stock", probabilities=False)
 
 
 def test_augment_check_command_on_the_dataset(workspace, tmp_path):
