@@ -30,14 +30,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save_probabilities", action="store_true", help="also write .npz probabilities and .pkl")
     p.add_argument("--continue_prediction", action="store_true", help="skip cases whose output exists")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name (default checkpoint_final.pth)")
-    p.add_argument("-npp", type=int, default=_env_int("nnUNet_npp", 3), help="preprocessing processes (default 3)")
-    p.add_argument("-nps", type=int, default=_env_int("nnUNet_nps", 3), help="export processes (default 3)")
+    p.add_argument("-npp", type=int, default=None,
+                   help="preprocessing processes (default 3, nnUNet_npp; none for a single case)")
+    p.add_argument("-nps", type=int, default=None,
+                   help="export processes (default 3, nnUNet_nps; none for a single case)")
     p.add_argument("-prev_stage_predictions", default=None, help="the previous stage's predictions (cascade)")
     p.add_argument("-num_parts", type=int, default=1, help="split the cases into this many parts ...")
     p.add_argument("-part_id", type=int, default=0, help="... and predict this one (0-based)")
     p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="default cuda")
     p.add_argument("--disable_progress_bar", action="store_true")
     p.add_argument("--not_on_device", action="store_true", help="keep the sliding window's logits in host memory")
+
+
+def _processes(args: argparse.Namespace, file_ending: str) -> tuple:
+    """-npp and -nps as given; unset: nnU-Net's defaults (3, or ``nnUNet_npp`` / ``nnUNet_nps``), except for
+    a single case without a previous stage, which runs in this process: worker processes start by importing
+    torch and nnU-Net again (about 6 s on a 2-core machine) and have nothing to overlap for one case."""
+    npp, nps = args.npp, args.nps
+    if npp is None and nps is None and args.prev_stage_predictions is None and os.path.isdir(args.i):
+        from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+
+        if len(create_lists_from_splitted_dataset_folder(args.i, file_ending, num_processes=1)) == 1:
+            return 0, 0
+    return (_env_int("nnUNet_npp", 3) if npp is None else npp), (_env_int("nnUNet_nps", 3) if nps is None else nps)
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -68,14 +83,15 @@ def run_predict(args: argparse.Namespace) -> int:
     predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)
     ending = predictor.dataset_json["file_ending"]
     before = {p.name: p.stat().st_mtime for p in Path(args.o).glob(f"*{ending}")}
-    if args.npp == 0 and args.nps == 0:
+    npp, nps = _processes(args, ending)
+    if npp == 0 and nps == 0:
         predictor.predict_from_files_sequential(args.i, args.o, save_probabilities=args.save_probabilities,
                                                 overwrite=not args.continue_prediction,
                                                 folder_with_segs_from_prev_stage=args.prev_stage_predictions)
     else:
         predictor.predict_from_files(args.i, args.o, save_probabilities=args.save_probabilities,
-                                     overwrite=not args.continue_prediction, num_processes_preprocessing=args.npp,
-                                     num_processes_segmentation_export=args.nps,
+                                     overwrite=not args.continue_prediction, num_processes_preprocessing=npp,
+                                     num_processes_segmentation_export=nps,
                                      folder_with_segs_from_prev_stage=args.prev_stage_predictions,
                                      num_parts=args.num_parts, part_id=args.part_id)
     seconds = time.perf_counter() - start

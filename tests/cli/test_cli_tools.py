@@ -121,3 +121,23 @@ def test_recorded_epoch_anatomy_commands_map_to_the_module():
         args = anatomy_parser().parse_args(words)
         assert (args.dataset, args.epochs, args.iterations, args.trainers) == (
             words[0], int(words[1]), int(words[2]), words[3:])
+
+
+def test_predict_runs_a_single_case_without_worker_processes(tmp_path, monkeypatch):
+    """``predict``'s -npp/-nps: as given; unset, nnU-Net's defaults (3, or nnUNet_npp / nnUNet_nps), except
+    for a folder with a single case, which is predicted in the process (no workers to start)."""
+    from argparse import Namespace
+
+    from nnunetv2_mobilevim.cli.predict import _processes
+
+    monkeypatch.delenv("nnUNet_npp", raising=False)
+    monkeypatch.delenv("nnUNet_nps", raising=False)
+    (tmp_path / "a_0000.nii.gz").touch()
+    (tmp_path / "a_0001.nii.gz").touch()  # a second channel of the same case
+    args = Namespace(i=str(tmp_path), npp=None, nps=None, prev_stage_predictions=None)
+    assert _processes(args, ".nii.gz") == (0, 0)
+    assert _processes(Namespace(**{**vars(args), "npp": 2}), ".nii.gz") == (2, 3)
+    (tmp_path / "b_0000.nii.gz").touch()
+    assert _processes(args, ".nii.gz") == (3, 3)
+    monkeypatch.setenv("nnUNet_npp", "5")
+    assert _processes(args, ".nii.gz") == (5, 3)

@@ -17,7 +17,6 @@ import math
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .sampling import Untranslatable, check_random_scalar, coin, random_scalar
@@ -215,17 +214,19 @@ class DeviceGaussianBlur:
 
     def apply(self, image: Tensor, params: BlurParams) -> Tensor:
         _check_image(image)
-        (batch, channels), spatial = image.shape[:2], image.shape[2:]
+        spatial = image.shape[2:]
         width, pad = self.kernel_width, self.kernel_width // 2
         kernels = blur_kernels(params.sigma, width).to(image.dtype)  # (B, C, D, width)
-        conv = F.conv2d if len(spatial) == 2 else F.conv3d
-        x = image.reshape(1, batch * channels, *spatial)  # one group per (sample, channel)
+        # Deliberately not a (grouped) convolution: on GPUs cuDNN may run it in TF32, ~1e-3 off nnU-Net's float32
+        # blur; a weighted sum of shifted copies is float32 everywhere and costs the same in a replayed graph.
+        x = image
         for d, size in enumerate(spatial):
             padded = x.index_select(d + 2, _reflect_indices(size, pad, image.device))
-            weight_shape = [batch * channels, 1] + [1] * len(spatial)
-            weight_shape[d + 2] = width
-            x = conv(padded, kernels[:, :, d].reshape(weight_shape), groups=batch * channels)
-        return torch.where(_selected(params.applied, params.channels, image.ndim), x.reshape(image.shape), image)
+            taps = kernels[:, :, d].reshape(*kernels.shape[:2], *([1] * len(spatial)), width)
+            x = padded.narrow(d + 2, 0, size) * taps[..., 0]
+            for k in range(1, width):
+                x = x.addcmul_(padded.narrow(d + 2, k, size), taps[..., k])
+        return torch.where(_selected(params.applied, params.channels, image.ndim), x, image)
 
     def __call__(self, image: Tensor) -> Tensor:
         return self.apply(image, self.draw(image))
