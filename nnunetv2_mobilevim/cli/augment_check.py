@@ -152,14 +152,14 @@ def check_transforms(transforms, image: Tensor, seg: Tensor, draws: int, device:
                      progress: Callable[[str], None] = lambda message: None) -> Tuple[List[dict], Tuple]:
     """Every step of the translated pipeline against nnU-Net's transform(s) it reproduces, on the inputs
     nnU-Net's own preceding transforms make. Returns the entries and nnU-Net's final output."""
-    from ..acceleration.augmentation.pipeline import DeviceAugmentation, translate
+    from ..acceleration.augmentation.pipeline import DeviceAugmentation, translate, unwrap_random
 
     pipeline = DeviceAugmentation.from_nnunet(transforms)
     entries = []
     for step in pipeline.steps:
         progress(step.name)
         forced = translate(step.sources, 1.0)
-        sources = [_unwrap_random(t) for t in step.sources]
+        sources = [unwrap_random(t)[0] for t in step.sources]
         dev_image, dev_seg = image.to(device), seg.to(device)
         ours_once = forced(dev_image.clone(), dev_seg.clone())
         theirs_once = _nnunet_per_sample(sources, image, seg)
@@ -187,10 +187,6 @@ def check_transforms(transforms, image: Tensor, seg: Tensor, draws: int, device:
                         "ok": all(d["ok"] for d in details), "details": details})
         image, seg = theirs_once  # the next step sees what nnU-Net's transforms made of this one
     return entries, (image, seg)
-
-
-def _unwrap_random(transform):
-    return transform.transform if type(transform).__name__ == "RandomTransform" else transform
 
 
 def _largest_difference(a, b) -> float:

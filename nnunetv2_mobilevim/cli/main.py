@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainer", default="nnUNetTrainerMobileViM", help="trainer class (default MobileViM_s)")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("predict", help="nnUNetv2_predict's command, same flags and outputs, started faster")
+    p = sub.add_parser("predict", help="nnUNetv2_predict's command: same flags and outputs, any nnU-Net model")
     from .predict import add_arguments as add_predict_arguments
 
     add_predict_arguments(p)

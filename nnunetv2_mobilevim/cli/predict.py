@@ -1,6 +1,6 @@
 """``nnunetv2_mobilevim predict``: ``nnUNetv2_predict`` with the same flags and outputs, for any model
-trained with nnU-Net (this package's trainers and nnU-Net's own), started without nnU-Net's trainer
-search (``nnunet.predictor``). Prints one summary line: cases, seconds per case, device."""
+trained with nnU-Net (this package's trainers, also without ``nnUNet_extTrainer``, and nnU-Net's own;
+``nnunet.predictor``). Prints one summary line: cases, seconds per case, device."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _processes(args: argparse.Namespace, file_ending: str) -> tuple:
     """-npp and -nps as given; unset: nnU-Net's defaults (3, or ``nnUNet_npp`` / ``nnUNet_nps``), except for
     a single case without a previous stage, which runs in this process: worker processes start by importing
-    torch and nnU-Net again (about 6 s on a 2-core machine) and have nothing to overlap for one case."""
+    torch and nnU-Net again and have nothing to overlap for one case (docs/nnunet.md has the measurement)."""
     npp, nps = args.npp, args.nps
     if npp is None and nps is None and args.prev_stage_predictions is None and os.path.isdir(args.i):
         from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder

@@ -1,14 +1,15 @@
-"""nnU-Net's predictor for any trained nnU-Net model, started without nnU-Net's trainer search.
+"""nnU-Net's predictor for any trained nnU-Net model, finding this package's trainers by import.
 
     predictor = Predictor(tile_step_size=0.5, use_mirroring=True, device=torch.device("cuda"))
     predictor.initialize_from_trained_model_folder(model_folder, use_folds=(0,), checkpoint_name="checkpoint_final.pth")
     predictor.predict_from_files(input_folder, output_folder, ...)        # nnU-Net's own, unchanged
 
-nnU-Net finds the trainer class named in a checkpoint by importing every module under
-``nnunetv2.training.nnUNetTrainer`` (about a hundred variants) and the ``nnUNet_extTrainer`` folders:
-about 11 s of every ``nnUNetv2_predict`` on the 2-core development machine, whatever the model.
-``find_trainer_class`` goes straight to this package's trainers and nnU-Net's default trainer, and
-only searches like nnU-Net for any other name. Everything else is nnU-Net's ``nnUNetPredictor``.
+nnU-Net finds the trainer class named in a checkpoint by searching the modules under
+``nnunetv2.training.nnUNetTrainer`` and the ``nnUNet_extTrainer`` folders, so a MobileViM model
+predicts only where that variable is set. ``find_trainer_class`` imports this package's trainers and
+nnU-Net's default trainer directly and searches like nnU-Net for any other name (no faster than
+nnU-Net's search once its predictor module is imported: docs/benchmarks/devcpu_trainer_search.txt).
+Everything else is nnU-Net's ``nnUNetPredictor``.
 """
 
 from __future__ import annotations

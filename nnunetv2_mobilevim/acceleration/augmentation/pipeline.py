@@ -78,7 +78,7 @@ def group_nnunet_transforms(transforms) -> List[Tuple[str, Tuple[object, ...], f
     items = list(getattr(transforms, "transforms", [transforms]))
     groups, i = [], 0
     while i < len(items):
-        inner = [_unwrap(t) for t in items[i:i + 3]]
+        inner = [unwrap_random(t) for t in items[i:i + 3]]
         if [type(t).__name__ for t, _ in inner] == ["Convert3DTo2DTransform", "SpatialTransform",
                                                      "Convert2DTo3DTransform"]:
             groups.append(("SpatialTransform (dummy 2D)", tuple(items[i:i + 3]), min(p for _, p in inner)))
@@ -92,7 +92,7 @@ def group_nnunet_transforms(transforms) -> List[Tuple[str, Tuple[object, ...], f
 def translate(sources: Tuple[object, ...], probability: float, labels: Optional[Sequence[int]] = None) -> StepFn:
     """The batched twin of one group of ``group_nnunet_transforms``, applied with ``probability``;
     ``Untranslatable`` if there is none."""
-    inner = [_unwrap(t) for t in sources]
+    inner = [unwrap_random(t) for t in sources]
     if len(sources) == 3:
         if any(p != 1 for _, p in inner):
             raise Untranslatable("dummy 2D inside RandomTransform; nnU-Net applies it always")
@@ -112,7 +112,7 @@ class _ImageOnly:
         return self.transform(image), seg
 
 
-def _unwrap(transform) -> Tuple[object, float]:
+def unwrap_random(transform) -> Tuple[object, float]:
     """``RandomTransform(t, p)`` -> (t, p); anything else -> (it, 1)."""
     if type(transform).__name__ == "RandomTransform":
         return transform.transform, float(transform.apply_probability)
