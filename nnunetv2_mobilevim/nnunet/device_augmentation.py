@@ -9,7 +9,9 @@ the trainer's own settings) run batched where the network trains, translated one
 (``acceleration.augmentation.DeviceAugmentation.from_nnunet``). Validation keeps nnU-Net's pipeline.
 
 On a GPU the pipeline is replayed from a CUDA graph (``ReplayedAugmentation``; off with
-``NNUNETV2_MOBILEVIM_CUDA_GRAPHS=0``).
+``NNUNETV2_MOBILEVIM_CUDA_GRAPHS=0``), and the next batch is copied and augmented on a side stream
+while the current step trains (``acceleration.prefetch.DevicePrefetcher``, wrapped around nnU-Net's
+training loader from ``on_train_start`` to ``on_train_end``; the same batches in the same order).
 
 ``NNUNETV2_MOBILEVIM_DEVICE_AUGMENTATION`` (read once per process): ``0`` nnU-Net's CPU pipeline;
 ``1`` the device pipeline, also on the CPU, and an error when a transform cannot be translated;
@@ -28,8 +30,11 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from ..acceleration.augmentation.pipeline import DeviceAugmentation as _Pipeline
 from ..acceleration.augmentation.pipeline import ReplayedAugmentation
 from ..acceleration.augmentation.sampling import Untranslatable
+from ..acceleration.prefetch import DevicePrefetcher
 from .switches import DEVICE_AUGMENTATION as SWITCH
 from .switches import cuda_graphs_enabled, device_augmentation_switch
+
+_AUGMENTED = "device_augmented"  # marks a batch the pipeline already augmented
 
 
 class DeviceAugmentation:
@@ -75,16 +80,34 @@ class DeviceAugmentation:
                                "the worker processes load and crop only")
         return None  # nnU-Net's loader then returns the cropped initial patches as they are
 
+    def on_train_start(self):
+        super().on_train_start()
+        if self.device_pipeline is not None:
+            self.dataloader_train = DevicePrefetcher(self.dataloader_train, self._augment_on_device, self.device)
+
+    def on_train_end(self):
+        if isinstance(self.dataloader_train, DevicePrefetcher):  # nnU-Net shuts down its own loader type
+            self.dataloader_train = self.dataloader_train.loader
+        super().on_train_end()
+
     def augment_batch(self, batch: dict) -> dict:
         """A loader batch (data ``(B, C, *initial_patch)``, target ``(B, 1, *initial_patch)``) augmented on the
-        device; unchanged when nnU-Net's pipeline already ran in the workers."""
-        if self.device_pipeline is None:
+        device; unchanged when nnU-Net's pipeline already ran in the workers or the prefetcher augmented it."""
+        if self.device_pipeline is None or batch.get(_AUGMENTED):
             return batch
+        return self._augment_on_device(batch)
+
+    def prefetch_next_batch(self) -> None:
+        """Start copying and augmenting the next training batch (call it once this step is queued)."""
+        if isinstance(self.dataloader_train, DevicePrefetcher):
+            self.dataloader_train.prefetch()
+
+    def _augment_on_device(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
         seg = batch["target"].to(self.device, non_blocking=True)
         with torch.no_grad():
             data, target = self._augment(data, seg)
-        return {**batch, "data": data.contiguous(), "target": target}
+        return {**batch, "data": data.contiguous(), "target": target, _AUGMENTED: True}
 
 
 class nnUNetTrainer_DeviceAug(DeviceAugmentation, nnUNetTrainer):
@@ -94,4 +117,6 @@ class nnUNetTrainer_DeviceAug(DeviceAugmentation, nnUNetTrainer):
     device_augmentation = "on"
 
     def train_step(self, batch: dict) -> dict:
-        return super().train_step(self.augment_batch(batch))
+        batch = self.augment_batch(batch)
+        self.prefetch_next_batch()  # nnU-Net's step launches its kernels as it goes: the next batch fills the gaps
+        return super().train_step(batch)

@@ -176,9 +176,11 @@ class nnUNetTrainerMobileViMBase(DeviceAugmentation, nnUNetTrainer):
     def train_step(self, batch: dict) -> dict:
         batch = self.augment_batch(batch)
         if self.graphed_train_step is None:
+            self.prefetch_next_batch()
             return super().train_step(batch)
         target = batch["target"]
         loss = self.graphed_train_step(batch["data"], *(target if isinstance(target, list) else [target]))
+        self.prefetch_next_batch()  # overlaps the replayed step
         return {"loss": loss.cpu().numpy()}
 
     def _train_step_on_device(self, data: torch.Tensor, *target: torch.Tensor) -> torch.Tensor:

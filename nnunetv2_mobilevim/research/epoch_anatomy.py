@@ -40,7 +40,7 @@ def timed(cls):
 
         def on_train_start(self):
             super().on_train_start()
-            loader = self.dataloader_train
+            loader = getattr(self.dataloader_train, "loader", self.dataloader_train)  # without the device prefetcher
             for _ in range(20):
                 next(loader)
             t0 = time.perf_counter()

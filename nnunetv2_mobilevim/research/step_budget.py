@@ -1,0 +1,187 @@
+"""Where one training iteration's GPU time goes once augmentation runs on the device.
+
+Run on the GPU machine:
+    python -m nnunetv2_mobilevim.research.step_budget [--patch 96 96 96] [--no-compile]
+
+On synthetic tensors (no dataset), batch 2, nnU-Net's 3d_fullres transforms for the patch:
+- the enlarged initial patch copied from pinned memory to the GPU;
+- every augmentation step forced on (probability 1), eager: GPU ms and kernels per call;
+- the whole pipeline eager and replayed from its CUDA graph;
+- MobileViM_s's whole training step replayed from one CUDA graph (AdamW, fp16 AMP, CE loss), with
+  its forward as written and, unless --no-compile, its forward under ``torch.compile`` inside the graph;
+- the replayed augmentation and the replayed step one after the other on one stream, and overlapped
+  (the augmentation of the next batch on a side stream while the step runs).
+Writes ``$OUT/step_budget.json`` when $OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from typing import Callable, Dict
+
+import numpy as np
+import torch
+
+
+def _events_ms(fn: Callable[[], object], iterations: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iterations):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _wall_ms(fn: Callable[[], object], iterations: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iterations):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iterations * 1000
+
+
+def _kernels(fn: Callable[[], object]) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
+
+
+def _transforms(patch):
+    from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    rotation = (-30 / 360 * 2 * np.pi, 30 / 360 * 2 * np.pi)
+    initial = [int(s) for s in get_patch_size(patch, rotation, rotation, rotation, (0.85, 1.25))]
+    scales = [[1.0] * 3] + [[0.5 ** i] * 3 for i in range(1, 5)]
+    transforms = nnUNetTrainer.get_training_transforms(
+        list(patch), rotation, scales, (0, 1, 2), False, use_mask_for_norm=[False], is_cascaded=False,
+        foreground_labels=[1, 2], regions=None, ignore_label=None)
+    return transforms, initial
+
+
+def augmentation(patch, out: Dict) -> Dict:
+    from ..acceleration.augmentation.pipeline import DeviceAugmentation, ReplayedAugmentation, translate
+
+    transforms, initial = _transforms(patch)
+    out["initial_patch"] = initial
+    host_image = torch.randn(2, 1, *initial).pin_memory()
+    host_seg = torch.randint(0, 3, (2, 1, *initial)).to(torch.int16).pin_memory()  # nnU-Net's loader dtype
+    out["h2d_ms"] = _events_ms(lambda: (host_image.to("cuda", non_blocking=True),
+                                        host_seg.to("cuda", non_blocking=True)))
+    image, seg = host_image.cuda(), host_seg.cuda()
+    pipeline = DeviceAugmentation.from_nnunet(transforms, labels=[-1, 0, 1, 2])
+    steps = {}
+    x, s = image, seg
+    with torch.no_grad():
+        for step in pipeline.steps:
+            forced = translate(step.sources, 1.0, labels=[-1, 0, 1, 2])
+            xi, si = x, s
+            steps[step.name + ("" if step.name not in steps else " (2)")] = {
+                "ms": _events_ms(lambda: forced(xi.clone(), si.clone())),
+                "kernels": _kernels(lambda: forced(xi.clone(), si.clone())) - 2, "probability": step.probability}
+            x, s = forced(x.clone(), s.clone())
+            if isinstance(s, list):
+                break
+        out["steps_forced"] = steps
+        out["pipeline_eager_ms_gpu"] = _events_ms(lambda: pipeline(image, seg))
+        out["pipeline_eager_ms_wall"] = _wall_ms(lambda: pipeline(image, seg))
+        out["pipeline_kernels"] = _kernels(lambda: pipeline(image, seg))
+        replayed = ReplayedAugmentation(pipeline)
+        out["pipeline_replayed_ms"] = _events_ms(lambda: replayed(image, seg))
+        out["pipeline_replayed_ms_wall"] = _wall_ms(lambda: replayed(image, seg))
+    return {"replayed": replayed, "image": image, "seg": seg, "host": (host_image, host_seg)}
+
+
+def training_step(patch, compiled: bool):
+    from ..acceleration.training import GraphedTrainStep
+    from ..networks.mobilevim import MobileViM
+
+    net = MobileViM(input_channels=1, num_classes=3, variant="s").cuda().to(memory_format=torch.channels_last_3d)
+    net.train()
+    forward = torch.compile(net.forward) if compiled else net.forward
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-2, fused=True)
+    scaler = torch.amp.GradScaler("cuda")
+
+    def step_fn(x, target):
+        with torch.autocast("cuda", dtype=torch.float16):
+            out = forward(x)
+            out = out[0] if isinstance(out, (list, tuple)) else out
+            loss = torch.nn.functional.cross_entropy(out, target)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
+        scaler.step(opt)
+        scaler.update()
+        return loss.detach()
+
+    step = GraphedTrainStep(step_fn, [opt])
+    x = torch.randn(2, 1, *patch, device="cuda").to(memory_format=torch.channels_last_3d)
+    target = torch.randint(0, 3, (2, *patch), device="cuda")
+    return step, x, target
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--patch", type=int, nargs=3, default=[96, 96, 96])
+    p.add_argument("--no-compile", action="store_true")
+    args = p.parse_args(argv)
+    patch = tuple(args.patch)
+    out: Dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "patch": list(patch),
+                 "batch": 2, "date": time.strftime("%Y-%m-%d"),
+                 "command": "python -m nnunetv2_mobilevim.research.step_budget " + " ".join(argv or [])}
+    aug = augmentation(patch, out)
+    print(json.dumps(out, indent=1), flush=True)
+    for compiled in ([False] if args.no_compile else [False, True]):
+        name = "compiled_forward" if compiled else "forward"
+        try:
+            t0 = time.perf_counter()
+            step, x, target = training_step(patch, compiled)
+            for _ in range(5):
+                step(x, target)
+            torch.cuda.synchronize()
+            out[f"step_{name}_setup_s"] = time.perf_counter() - t0
+            out[f"step_{name}_ms"] = _events_ms(lambda: step(x, target))
+            out[f"step_{name}_kernels"] = _kernels(lambda: step(x, target))
+            replayed, image, seg = aug["replayed"], aug["image"], aug["seg"]
+            with torch.no_grad():
+                out[f"step_{name}_then_aug_ms"] = _wall_ms(lambda: (replayed(image, seg), step(x, target).cpu()))
+                side = torch.cuda.Stream()
+
+                def overlapped():
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        replayed(image, seg)
+                    loss = step(x, target).cpu()
+                    torch.cuda.current_stream().wait_stream(side)
+                    return loss
+                out[f"step_{name}_overlapped_aug_ms"] = _wall_ms(overlapped)
+            step = None  # frees the graph before the next variant
+        except Exception as err:  # an experiment: record why it failed and go on
+            out[f"step_{name}_error"] = f"{type(err).__name__}: {err}"[:2000]
+        print(json.dumps({k: v for k, v in out.items() if k.startswith("step_")}, indent=1), flush=True)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "step_budget.json"), "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
