@@ -5,6 +5,8 @@ predict held-out cases and report per-class Dice, epoch time and peak GPU memory
     python -m nnunetv2_mobilevim.research.compare --dataset shapes --epochs 10 --iterations 50 --out results/shapes.json
 
 ``demo``: the embedded brain-extraction set (3 training volumes, held-out real person).
+``TRAINER:da=0`` / ``:da=1`` trains with NNUNETV2_MOBILEVIM_DEVICE_AUGMENTATION set for that run (nnU-Net's
+CPU pipeline or the device pipeline), e.g. ``--trainers nnUNetTrainerMobileViM nnUNetTrainerMobileViM:da=0``.
 ``shapes``: ``synthetic.py``'s multi-class set (ellipsoids, rare small spheres, thin tubes, shells).
 Every trainer trains fold ``all`` with the same number of epochs and iterations, each in a fresh
 Python process (``train_in_fresh_process``); prediction uses
@@ -27,6 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..nnunet import run as nnunet_run
+from ..nnunet.switches import DEVICE_AUGMENTATION as SWITCH
 
 TRAINERS = ["nnUNetTrainer", "nnUNetTrainerMobileViM", "nnUNetTrainerMobileViM_xs"]
 SHAPES_ID, SHAPES = 502, "Dataset502_Shapes"
@@ -128,15 +131,29 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     result = {"dataset": args.dataset, "epochs": args.epochs, "iterations_per_epoch": args.iterations,
               "command": "python -m nnunetv2_mobilevim.research.compare " + " ".join(argv),
               "patch": plans["patch_size"], "batch": plans["batch_size"], "rows": []}
-    for name in args.trainers:
-        print(f"[compare] {args.dataset}: training {name} ({args.epochs} x {args.iterations})", flush=True)
-        row = train_in_fresh_process(name, dataset, args.epochs, args.iterations,
-                                     compile_network=args.baseline_compile and name == "nnUNetTrainer")
+    for spec in args.trainers:
+        name, _, options = spec.partition(":")
+        print(f"[compare] {args.dataset}: training {spec} ({args.epochs} x {args.iterations})", flush=True)
+        switch = {"da=0": "0", "da=1": "1"}.get(options)  # the device-augmentation switch for that run
+        if options and switch is None:
+            raise SystemExit(f"unknown option {options!r} in {spec!r}: use TRAINER, TRAINER:da=0 or TRAINER:da=1")
+        saved = os.environ.get(SWITCH)
+        if switch is not None:
+            os.environ[SWITCH] = switch  # the fresh process reads it once
+        try:
+            row = train_in_fresh_process(name, dataset, args.epochs, args.iterations,
+                                         compile_network=args.baseline_compile and name == "nnUNetTrainer")
+        finally:
+            if saved is None:
+                os.environ.pop(SWITCH, None)
+            else:
+                os.environ[SWITCH] = saved
+        row["spec"], row["device_augmentation_switch"] = spec, switch
         # the main figure: checkpoint_final with mirroring; then checkpoint_best with and without it
         for key, checkpoint, extra in (("dice", "checkpoint_final.pth", []),
                                        ("dice_best", "checkpoint_best.pth", []),
                                        ("dice_best_no_tta", "checkpoint_best.pth", ["--disable_tta"])):
-            out = root / f"pred_{name}_{key}"
+            out = root / f"pred_{spec.replace(':', '_')}_{key}"
             nnunet_run.predict(["-i", raw / "imagesTs", "-o", out, "-d", dataset_id, "-c", "3d_fullres", "-tr", name,
                                 "-f", "all", "-chk", checkpoint, *extra])
             row[key] = dice_per_class(out, raw / "labelsTs", labels)
@@ -144,7 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         result["rows"].append(row)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))  # after every trainer: a stopped run keeps what it has
-        print(f"[compare] {name}: Dice {row['dice']} mean {row['dice_mean']:.4f} (best checkpoint: "
+        print(f"[compare] {spec}: Dice {row['dice']} mean {row['dice_mean']:.4f} (best checkpoint: "
               f"{row['dice_best_mean']:.4f}, without mirroring {row['dice_best_no_tta_mean']:.4f}), "
               f"epoch {row['epoch_seconds_median']:.2f} s, peak {row['peak_gpu_gb']:.2f} GB", flush=True)
 
