@@ -21,12 +21,14 @@ from torch.utils._pytree import tree_map
 
 from .cuda_graphs import FastPathWarning, cudnn_autotuning, deep_supervision_switch, graph_key, uncached_autocast  # noqa: F401 (re-exported)
 
-_CONVS = (nn.Conv3d, nn.ConvTranspose3d)
+# a convolution and the BatchNorm of the same dimension that may follow it
+_PAIRS = ((nn.Conv3d, nn.BatchNorm3d), (nn.ConvTranspose3d, nn.BatchNorm3d),
+          (nn.Conv2d, nn.BatchNorm2d), (nn.ConvTranspose2d, nn.BatchNorm2d))
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of ``model`` with every Conv3d/ConvTranspose3d -> BatchNorm3d pair in an
-    ``nn.Sequential`` fused into one convolution (PyTorch's ``fuse_conv_bn_eval``)."""
+    """An eval-mode copy of ``model`` with every convolution -> BatchNorm pair (2D or 3D, transposed or
+    not) in an ``nn.Sequential`` fused into one convolution (PyTorch's ``fuse_conv_bn_eval``)."""
     folded = copy.deepcopy(model).eval()
     for module in folded.modules():
         if not isinstance(module, nn.Sequential):
@@ -34,8 +36,9 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         names = list(module._modules)
         for first, second in zip(names, names[1:]):
             conv, norm = module._modules[first], module._modules[second]
-            if isinstance(conv, _CONVS) and isinstance(norm, nn.BatchNorm3d) and norm.track_running_stats:
-                module._modules[first] = fuse_conv_bn_eval(conv, norm, transpose=isinstance(conv, nn.ConvTranspose3d))
+            if type(norm) in (bn for c, bn in _PAIRS if isinstance(conv, c)) and norm.track_running_stats:
+                transpose = isinstance(conv, (nn.ConvTranspose2d, nn.ConvTranspose3d))
+                module._modules[first] = fuse_conv_bn_eval(conv, norm, transpose=transpose)
                 module._modules[second] = nn.Identity()
     return folded
 

@@ -31,6 +31,15 @@ def _positive(text: str) -> int:
 def _cmd_summary(args: argparse.Namespace) -> int:
     from .summary import format_summary, summarize
 
+    if args.network:
+        from .listing import format_network_summary, summarize_network
+
+        try:
+            info = summarize_network(args.network, args.configuration, args.dataset, args.plans)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        print(json.dumps(info, indent=2) if args.json else format_network_summary(info))
+        return 0
     patch = args.patch * 3 if len(args.patch) == 1 else args.patch
     if len(patch) != 3:
         raise UserError(f"--patch takes 1 or 3 sizes (D H W), got {len(args.patch)}: {args.patch}")
@@ -40,6 +49,15 @@ def _cmd_summary(args: argparse.Namespace) -> int:
         raise UserError(str(err)) from None
     print(json.dumps(info, indent=2) if args.json else format_summary(info))
     return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from .listing import run_list
+
+    try:
+        return run_list(args.dataset, args.plans, args.json)
+    except ValueError as err:
+        raise UserError(str(err)) from None
 
 
 def _cmd_ext_path(args: argparse.Namespace) -> int:
@@ -94,8 +112,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nnunetv2_mobilevim",
-        description="MobileViM_s / MobileViM_xs for stock nnU-Net v2: describe, check, register, demo, "
-                    "predict, augment-check, benchmark.")
+        description="MobileViM and the field's Mamba networks for stock nnU-Net v2: list, describe, check, "
+                    "register, demo, predict, augment-check, benchmark.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -105,8 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=_positive, default=4, help="output classes incl. background (default 4)")
     p.add_argument("--patch", type=_positive, nargs="+", default=[128], metavar="N",
                    help="patch size: one size for a cube or D H W (default 128)")
+    p.add_argument("--network", default=None, metavar="TRAINER",
+                   help="describe the network a shipped trainer builds (any name `list` prints) for a plan instead")
+    p.add_argument("-c", "--configuration", default="3d_fullres", help="with --network: the plan's configuration")
+    p.add_argument("-d", "--dataset", default=None, help="with --network: a preprocessed dataset's plans "
+                   "(default: the example plans)")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="with -d: the plans identifier")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_summary)
+
+    p = sub.add_parser("list", help="every trainer: paper, network, parameters for a plan, 2D/3D, recipe")
+    p.add_argument("-d", "--dataset", default=None, help="count parameters for this preprocessed dataset's plans "
+                   "(default: the example plans shipped with the package)")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="the plans identifier (default nnUNetPlans)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_list)
 
     p = sub.add_parser("ext-path", help="print the folder to export as nnUNet_extTrainer")
     p.set_defaults(func=_cmd_ext_path)

@@ -29,4 +29,21 @@ class CosineLRScheduler(LRScheduler):
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
-__all__ = ["CosineLRScheduler"]
+class LinearLRScheduler(LRScheduler):
+    """Linear decay from ``initial_lr`` at epoch 0 towards 0 at ``max_steps`` epochs (Taming Mambas'
+    "linear learning rate scheduler"; the paper gives no warm-up or floor), nnU-Net's interface."""
+
+    def __init__(self, optimizer, initial_lr: float, max_steps: int):
+        self.initial_lr, self.max_steps, self.ctr = initial_lr, max_steps, 0
+        super().__init__(optimizer, -1)
+
+    def step(self, current_step=None):
+        if current_step is None or current_step == -1:
+            current_step, self.ctr = self.ctr, self.ctr + 1
+        new_lr = self.initial_lr * max(1.0 - current_step / max(self.max_steps, 1), 0.0)
+        for group in self.optimizer.param_groups:
+            group["lr"] = new_lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+__all__ = ["CosineLRScheduler", "LinearLRScheduler"]

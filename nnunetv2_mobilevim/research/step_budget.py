@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from typing import Callable, Dict
 
@@ -28,18 +27,10 @@ import torch
 
 
 def _events_ms(fn: Callable[[], object], iterations: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iterations):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median GPU milliseconds of ``fn`` (CUDA events), as ``benchmark`` measures."""
+    from ..cli.benchmark import _time_cuda
+
+    return _time_cuda(fn, iterations, warmup)
 
 
 def _wall_ms(fn: Callable[[], object], iterations: int = 20, warmup: int = 3) -> float:

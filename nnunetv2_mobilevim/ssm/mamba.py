@@ -116,8 +116,7 @@ class MambaGroup(nn.Module):
         if hidden_states.shape[1] != len(blocks):
             raise ValueError(f"{len(blocks)} blocks for {hidden_states.shape[1]} sequences")
         dtype = hidden_states.dtype
-        guard = torch.autocast(hidden_states.device.type, enabled=False) if first.float32 else nullcontext()
-        with guard:
+        with autocast_off(hidden_states.device.type) if first.float32 else nullcontext():
             h = hidden_states.float() if first.float32 else hidden_states
             grad = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in first.parameters()))
             long = h.shape[0] * h.shape[1] * h.shape[2] * first.d_inner >= RECOMPUTE_ELEMENTS
@@ -127,6 +126,12 @@ class MambaGroup(nn.Module):
             else:
                 out = _group_forward(blocks, h)
         return out.to(dtype)
+
+
+def autocast_off(device_type: str):
+    """A context without autocast on ``device_type``; nothing to switch off on the meta device (which
+    ``nnunetv2_mobilevim list`` builds and runs networks on)."""
+    return torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) else nullcontext()
 
 
 def _f32(t: Tensor) -> Tensor:

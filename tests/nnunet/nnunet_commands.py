@@ -10,6 +10,7 @@ from pathlib import Path
 from nnunetv2_mobilevim.nnunet.registration import ext_trainer_dir
 
 BIN = Path(sys.executable).parent
+DATASET_ID, DATASET = 501, "Dataset501_Tiny"  # the tiny dataset of the `workspace` fixture (conftest.py)
 
 
 def nnunet_env(root: Path, ext_trainer: bool = True, **extra) -> dict:

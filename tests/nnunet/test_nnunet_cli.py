@@ -15,26 +15,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from nnunet_commands import BIN, nnunet_env, run
+from nnunet_commands import BIN, DATASET, DATASET_ID, nnunet_env, run
 
 from nnunetv2_mobilevim.nnunet.registration import ext_trainer_dir
-from nnunetv2_mobilevim.research.synthetic import write_dataset
 
 pytestmark = pytest.mark.slow
 
-DATASET_ID, DATASET = 501, "Dataset501_Tiny"
 TRAINER = "nnUNetTrainerMobileViM_smoke"
 MODEL = f"{TRAINER}__nnUNetPlans__3d_fullres"
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nnunet")
-    write_dataset(root / "raw" / DATASET, cases=6, test_cases=2, shape=(32, 40, 36), num_classes=2, channels=2)
-    # planning with nnUNet_n_proc_DA=0 breaks 2.8.1's planner (torch.set_num_threads(0)), so use 1 here
-    run(["nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "2d", "3d_fullres", "-np", "1", "-npfp", "1",
-         "--verify_dataset_integrity"], nnunet_env(root, nnUNet_n_proc_DA="1"))
-    return root
 
 
 def model_dir(root: Path) -> Path:
@@ -199,13 +187,6 @@ def test_deep_supervision_outputs_pair_with_targets(workspace):
     assert len(outs) == len(scales)
     for out, scale in zip(outs, scales):
         assert list(out.shape[2:]) == [round(p * s) for p, s in zip(cm.patch_size, scale)]
-
-
-def test_2d_configuration_is_refused_with_advice(workspace):
-    res = run(["nnUNetv2_train", DATASET_ID, "2d", "0", "-tr", TRAINER, "-device", "cpu"], nnunet_env(workspace),
-              check=False)
-    assert res.returncode != 0
-    assert "MobileViM is a 3D network" in res.stderr and "3d_fullres" in res.stderr
 
 
 def test_forgotten_ext_trainer_variable(workspace):

@@ -8,11 +8,11 @@ file and the key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Tuple, Union
+
+from .. import config_files
 
 #: Variants shipped with the package, by short name.
 SHIPPED_VARIANTS = {"s": "mobilevim_s.json", "xs": "mobilevim_xs.json"}
@@ -68,49 +68,12 @@ class MobileViMConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>") -> "MobileViMConfig":
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            raise ValueError(f"{source}: unknown configuration keys {unknown}; known keys: {sorted(fields)}")
-        required = [n for n, f in fields.items()
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        missing = [n for n in required if n not in data]
-        if missing:
-            raise ValueError(f"{source}: missing configuration keys {missing}")
-        return cls(**data)
+        return config_files.from_dict(cls, data, source)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def config_dir() -> Path:
-    """The folder that holds the shipped ``mobilevim_*.json`` files."""
-    try:  # installed wheel or editable install: network_configs is mapped into the package
-        path = Path(str(resources.files("nnunetv2_mobilevim.network_configs")))
-        if (path / SHIPPED_VARIANTS["s"]).is_file():
-            return path
-    except ModuleNotFoundError:
-        pass
-    return Path(__file__).resolve().parents[3] / "network_configs"  # source checkout
-
-
 def load_config(variant: Union[str, Path, MobileViMConfig] = "s") -> MobileViMConfig:
     """``"s"``, ``"xs"``, a path to a JSON file, or an already built config."""
-    if isinstance(variant, MobileViMConfig):
-        return variant
-    key = str(variant)
-    if key.lower() in SHIPPED_VARIANTS:
-        path = config_dir() / SHIPPED_VARIANTS[key.lower()]
-    else:
-        path = Path(key).expanduser()
-        if not path.is_file():
-            raise ValueError(
-                f"unknown MobileViM variant {key!r}: use one of {sorted(SHIPPED_VARIANTS)} "
-                f"or the path of a JSON file like {config_dir() / SHIPPED_VARIANTS['s']}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return MobileViMConfig.from_dict(data, source=str(path))
+    return config_files.load(MobileViMConfig, variant, SHIPPED_VARIANTS, "MobileViM")

@@ -1,6 +1,7 @@
 """The MobileViM decoder (the released code's "feature guide" head), with nnU-Net deep supervision.
 
-Inputs: encoder features f_0..f_3 of stages 1-4, f_i: (B, C_i, *S_i), S_{i+1} = S_i / strides[i].
+Inputs: encoder features f_0..f_3 of stages 1-4, f_i: (B, C_i, *S_i), S_{i+1} = S_i / strides[i],
+S = (D, H, W) or (H, W) after ``conv_op``.
     1. o_i = Bottleneck(f_i) on every stage                (the "Bottleneck" boxes of Fig. 1)
     2. ScaleBridger across o_0..o_3                        (Eq. 9)
     3. Top-down path from d_3 = o_3: d_i = ReLU(o_i + ConvPair(concat(UpLink(d_{i+1}), o_i)))
@@ -12,13 +13,15 @@ Deep supervision (ours, for nnU-Net): 1x1 heads on d_0, d_1, d_2, highest resolu
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Type
 
 import torch
 import torch.nn.functional as F
+from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
-from .conv_blocks import Bottleneck, ConvPair, Stride, UpLink, make_divisible
+from .conv_blocks import FUNCTIONAL_CONV, INTERPOLATION, Bottleneck, ConvPair, Stride, UpLink, make_divisible
 from .scale_bridger import ScaleBridger
 
 
@@ -26,36 +29,40 @@ class MobileViMDecoder(nn.Module):
     """[f_0..f_3] -> logits (B, classes, *S_0) and, with ``deep_supervision``, [d_0, d_1, d_2] logits."""
 
     def __init__(self, channels: Sequence[int], strides: Sequence[Stride], num_classes: int,
-                 bottleneck_expand: int = 2, uplink_expand: float = 0.25, norm: str = "batch",
+                 bottleneck_expand: int = 2, uplink_expand: float = 0.25, conv_op: Type[_ConvNd] = nn.Conv3d,
+                 norm_op: Type[nn.Module] = nn.BatchNorm3d, norm_op_kwargs: Optional[dict] = None,
                  scale_bridger: bool = True, deep_supervision: bool = False) -> None:
         super().__init__()
         channels = list(channels)
         if len(strides) != len(channels) - 1:
             raise ValueError("the decoder needs one stride between each pair of consecutive stages")
         self.deep_supervision = deep_supervision  # nnU-Net's trainer flips this attribute
-        self.bottlenecks = nn.ModuleList([Bottleneck(c, bottleneck_expand, norm) for c in channels])
+        self.dim = convert_conv_op_to_dim(conv_op)  # fuse_scales' functional conv and interpolation follow it
+        ops = dict(conv_op=conv_op, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs)
+        self.bottlenecks = nn.ModuleList([Bottleneck(c, bottleneck_expand, **ops) for c in channels])
         self.scale_bridger: Optional[ScaleBridger] = (
-            ScaleBridger(channels, strides, norm) if scale_bridger else None)
+            ScaleBridger(channels, strides, **ops) if scale_bridger else None)
         # up_links[i]: stage i+1 -> stage i; cat_fusions[i] merges it with stage i
         self.up_links = nn.ModuleList([
-            UpLink(channels[i + 1], channels[i], strides[i], make_divisible(channels[i + 1] * uplink_expand), norm)
+            UpLink(channels[i + 1], channels[i], strides[i], make_divisible(channels[i + 1] * uplink_expand), **ops)
             for i in range(len(channels) - 1)])
-        self.cat_fusions = nn.ModuleList([ConvPair(2 * c, c, norm=norm) for c in channels[:-1]])
-        self.classifier = nn.Conv3d(sum(channels), num_classes, 1, bias=True)
-        self.ds_heads = nn.ModuleList([nn.Conv3d(c, num_classes, 1, bias=True) for c in channels[:-1]])
+        self.cat_fusions = nn.ModuleList([ConvPair(2 * c, c, **ops) for c in channels[:-1]])
+        self.classifier = conv_op(sum(channels), num_classes, 1, bias=True)
+        self.ds_heads = nn.ModuleList([conv_op(c, num_classes, 1, bias=True) for c in channels[:-1]])
 
     def fuse_scales(self, decoded: List[Tensor]) -> Tensor:
         """classifier(concat(d_0, up(d_1), up(d_2), up(d_3))), computed as sum_i up(W_i d_i) + b.
 
-        A 1x1 convolution commutes with trilinear interpolation (a convex combination of voxels), so
+        A 1x1 convolution commutes with (bi/tri)linear interpolation (a convex combination of voxels), so
         applying each block W_i of the classifier's weight at its own resolution and upsampling only
         the class maps gives the same logits while interpolating `classes` instead of C_i channels.
         """
         size = decoded[0].shape[2:]
+        conv, mode = FUNCTIONAL_CONV[self.dim], INTERPOLATION[self.dim]
         weights = self.classifier.weight.split([t.shape[1] for t in decoded], dim=1)
-        logits = F.conv3d(decoded[0], weights[0], self.classifier.bias)
+        logits = conv(decoded[0], weights[0], self.classifier.bias)
         for w, t in zip(weights[1:], decoded[1:]):
-            logits = logits + F.interpolate(F.conv3d(t, w), size=size, mode="trilinear", align_corners=False)
+            logits = logits + F.interpolate(conv(t, w), size=size, mode=mode, align_corners=False)
         return logits
 
     def forward(self, features: List[Tensor]):
