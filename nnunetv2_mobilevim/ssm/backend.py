@@ -176,6 +176,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     """Shapes as ``mamba_ssm``'s ``selective_scan_fn`` (see ``torch_scan``); returns (B, D, L)."""
     if resolve_backend(u.is_cuda, backend) == "mamba_ssm":
         scan_fn = load_scan_kernel().fn
+        if B.dim() == 3:  # the kernel takes groups only: (B, N, L) is one group (as mamba-ssm's wrapper does)
+            B, C = B.unsqueeze(1), C.unsqueeze(1)
         return scan_fn(u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
                        D=D, z=None if z is None else z.contiguous(), delta_bias=delta_bias,
                        delta_softplus=delta_softplus)

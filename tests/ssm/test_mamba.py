@@ -167,6 +167,9 @@ def test_kernels_equal_the_pytorch_path():
     torch.manual_seed(0)
     group = MambaGroup([Mamba(32), Mamba(32)]).cuda()
     x = torch.randn(2, 2, 300, 32, device="cuda", requires_grad=True)
+    single = group.blocks[0]  # one block: its own path (B and C without a group axis)
+    y = {b: single.__setattr__("scan_backend", b) or single(x[:, 0].detach()) for b in ("torch", "mamba_ssm")}
+    assert (y["torch"] - y["mamba_ssm"]).abs().max() < 1e-4 * y["torch"].abs().max()
     outs, grads = [], []
     for backend in ("torch", "mamba_ssm"):
         for b in group.blocks:
