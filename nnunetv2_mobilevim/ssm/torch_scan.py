@@ -94,9 +94,8 @@ def selective_scan_torch(
         delta32 = delta32 + delta_bias.to(dt)[:, None]
     if delta_softplus:
         delta32 = F.softplus(delta32)
-    B32 = _per_channel(B.to(dt), channels)  # (B, D, N, L)
-    C32 = _per_channel(C.to(dt), channels)
-    A32 = A.to(dt)
+    # B, C stay per group over the whole sequence; each chunk expands its own stretch to (B, D, N, K)
+    B32, C32, A32 = B.to(dt), C.to(dt), A.to(dt)
     batch, length, state = u.shape[0], u.shape[-1], A.shape[-1]
     chunk = chunk_length or max(16, CHUNK_ELEMENTS // max(1, batch * channels * state))
     if chunk >= length:
@@ -121,7 +120,8 @@ def selective_scan_torch(
 def _scan_chunk(delta: Tensor, delta_u: Tensor, A: Tensor, B: Tensor, C: Tensor,
                 h0: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """One stretch of the recurrence from the state ``h0`` (B, D, N) (zeros when None): delta, delta_u
-    (B, D, K), A (D, N), B, C (B, D, N, K) -> (<h_t, C_t> (B, D, K), the last state (B, D, N))."""
+    (B, D, K), A (D, N), B, C (B, N, K) or (B, G, N, K) -> (<h_t, C_t> (B, D, K), the last state (B, D, N))."""
+    B, C = _per_channel(B, delta.shape[1]), _per_channel(C, delta.shape[1])  # (B, D, N, K)
     # Discretisation of Algorithm 1: A_bar = exp(delta (x) A), B_bar x = delta * B * x.
     a = torch.exp(delta.unsqueeze(-1) * A[None, :, None, :])  # (B, D, K, N)
     b = delta_u.unsqueeze(-1) * B.transpose(-1, -2)  # (B, D, K, N)

@@ -22,3 +22,14 @@ def test_cosine_schedule_follows_nnunet_step_interface():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone decay
     assert sched.get_last_lr() == [lrs[-1]]
     assert not math.isnan(sum(lrs))
+
+
+def test_taming_paper_recipe_linear_schedule():
+    """Taming Mambas' recipe: lr 3e-4 decaying linearly to 0 at epoch 300, nnU-Net's step(epoch) interface."""
+    from nnunetv2_mobilevim.nnunet.lr_schedulers import LinearLRScheduler
+
+    opt = torch.optim.RAdam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = LinearLRScheduler(opt, 3e-4, 300)
+    for epoch, expected in ((0, 3e-4), (150, 1.5e-4), (299, 1e-6), (300, 0.0), (400, 0.0)):
+        sched.step(epoch)
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected, abs=1e-12), epoch
