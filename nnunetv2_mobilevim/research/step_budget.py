@@ -25,12 +25,7 @@ from typing import Callable, Dict
 import numpy as np
 import torch
 
-
-def _events_ms(fn: Callable[[], object], iterations: int = 20, warmup: int = 3) -> float:
-    """Median GPU milliseconds of ``fn`` (CUDA events), as ``benchmark`` measures."""
-    from ..cli.benchmark import _time_cuda
-
-    return _time_cuda(fn, iterations, warmup)
+from ..cli.benchmark import _time_cuda as _events_ms  # median GPU ms by CUDA events, as benchmark measures
 
 
 def _wall_ms(fn: Callable[[], object], iterations: int = 20, warmup: int = 3) -> float:

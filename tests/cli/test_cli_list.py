@@ -27,6 +27,7 @@ def test_list_names_every_shipped_trainer_with_counts_for_both_dimensions():
         assert row["params"]["3d_fullres"] and row["params"]["2d"], row
         assert row["paper"] and row["recipe"]
     assert rows["nnUNetTrainerUMambaEnc_NoMamba"]["network"] == "UMambaEncNoMamba"
+    assert rows["nnUNetTrainerMultiSegMamba_NoMamba"]["network"] == "TamingMultiSegMambaNoMamba"
     assert rows["nnUNetTrainerMultiSegMamba_Paper"]["recipe"].startswith("the paper's: RAdam")
     assert rows["nnUNetTrainerMultiSegMamba_NoMamba"]["params"]["3d_fullres"] < \
         rows["nnUNetTrainerMultiSegMamba"]["params"]["3d_fullres"]
