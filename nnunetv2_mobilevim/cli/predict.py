@@ -1,6 +1,10 @@
 """``nnunetv2_mobilevim predict``: ``nnUNetv2_predict`` with the same flags and outputs, for any model
 trained with nnU-Net (this package's trainers, also without ``nnUNet_extTrainer``, and nnU-Net's own;
-``nnunet.predictor``). Prints one summary line: cases, seconds per case, device."""
+``nnunet.predictor``). Preprocessing and export run on the device with I/O in background threads
+(``Predictor.predict_folder``) wherever ``nnunet.device_pipeline`` reproduces the configuration, otherwise
+nnU-Net's own pipeline runs, which the command says; ``NNUNETV2_MOBILEVIM_DEVICE_PIPELINE=0`` asks for
+nnU-Net's pipeline, ``=1`` requires the device pipeline. Prints one summary line: cases, seconds per
+case, device, pipeline."""
 
 from __future__ import annotations
 
@@ -55,6 +59,43 @@ def _processes(args: argparse.Namespace, file_ending: str) -> tuple:
     return (_env_int("nnUNet_npp", 3) if npp is None else npp), (_env_int("nnUNet_nps", 3) if nps is None else nps)
 
 
+def _choose_pipeline(predictor, args: argparse.Namespace) -> str:
+    """"device" (``Predictor.predict_folder``) or "nnU-Net" (nnU-Net's own pipeline), from the switch and
+    what ``device_pipeline.unsupported`` says about the configuration; a fallback is said."""
+    from ..nnunet.device_pipeline import unsupported
+    from ..nnunet.switches import device_pipeline_switch
+
+    wanted = device_pipeline_switch()
+    if wanted is False:
+        return "nnU-Net"
+    reason = unsupported(predictor.plans_manager, predictor.configuration_manager)
+    if reason is None and args.prev_stage_predictions is not None:
+        reason = "-prev_stage_predictions was given"
+    if reason is None and args.not_on_device:
+        reason = "--not_on_device keeps the sliding window's logits in host memory"
+    if reason is None:
+        return "device"
+    if wanted:
+        raise ValueError(f"NNUNETV2_MOBILEVIM_DEVICE_PIPELINE=1, but the device pipeline cannot run here: {reason}. "
+                         "Unset it to let nnU-Net's pipeline run.")
+    print(f"nnunetv2_mobilevim predict: nnU-Net's own preprocessing and export run ({reason})", flush=True)
+    return "nnU-Net"
+
+
+def _predict_with_nnunet(predictor, args: argparse.Namespace, ending: str) -> None:
+    npp, nps = _processes(args, ending)
+    if npp == 0 and nps == 0:
+        predictor.predict_from_files_sequential(args.i, args.o, save_probabilities=args.save_probabilities,
+                                                overwrite=not args.continue_prediction,
+                                                folder_with_segs_from_prev_stage=args.prev_stage_predictions)
+    else:
+        predictor.predict_from_files(args.i, args.o, save_probabilities=args.save_probabilities,
+                                     overwrite=not args.continue_prediction, num_processes_preprocessing=npp,
+                                     num_processes_segmentation_export=nps,
+                                     folder_with_segs_from_prev_stage=args.prev_stage_predictions,
+                                     num_parts=args.num_parts, part_id=args.part_id)
+
+
 def run_predict(args: argparse.Namespace) -> int:
     import torch
     from nnunetv2.utilities.file_path_utilities import get_output_folder
@@ -83,20 +124,16 @@ def run_predict(args: argparse.Namespace) -> int:
     predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)
     ending = predictor.dataset_json["file_ending"]
     before = {p.name: p.stat().st_mtime for p in Path(args.o).glob(f"*{ending}")}
-    npp, nps = _processes(args, ending)
-    if npp == 0 and nps == 0:
-        predictor.predict_from_files_sequential(args.i, args.o, save_probabilities=args.save_probabilities,
-                                                overwrite=not args.continue_prediction,
-                                                folder_with_segs_from_prev_stage=args.prev_stage_predictions)
+    pipeline = _choose_pipeline(predictor, args)
+    if pipeline == "device":
+        predictor.predict_folder(args.i, args.o, save_probabilities=args.save_probabilities,
+                                 overwrite=not args.continue_prediction, num_parts=args.num_parts,
+                                 part_id=args.part_id)
     else:
-        predictor.predict_from_files(args.i, args.o, save_probabilities=args.save_probabilities,
-                                     overwrite=not args.continue_prediction, num_processes_preprocessing=npp,
-                                     num_processes_segmentation_export=nps,
-                                     folder_with_segs_from_prev_stage=args.prev_stage_predictions,
-                                     num_parts=args.num_parts, part_id=args.part_id)
+        _predict_with_nnunet(predictor, args, ending)
     seconds = time.perf_counter() - start
     written = [p for p in Path(args.o).glob(f"*{ending}") if before.get(p.name) != p.stat().st_mtime]
     per_case = f", {seconds / len(written):.2f} s per case" if written else ""
     print(f"nnunetv2_mobilevim predict: {len(written)} case(s) in {seconds:.1f} s{per_case}, device {device}, "
-          f"model {Path(model_folder).name}, folds {' '.join(map(str, folds))}")
+          f"{pipeline} pipeline, model {Path(model_folder).name}, folds {' '.join(map(str, folds))}")
     return 0

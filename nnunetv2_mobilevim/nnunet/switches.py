@@ -8,6 +8,7 @@ from typing import Optional
 
 CUDA_GRAPHS = "NNUNETV2_MOBILEVIM_CUDA_GRAPHS"
 DEVICE_AUGMENTATION = "NNUNETV2_MOBILEVIM_DEVICE_AUGMENTATION"
+DEVICE_PIPELINE = "NNUNETV2_MOBILEVIM_DEVICE_PIPELINE"
 _OFF, _ON = ("0", "false", "f", "no", "off"), ("1", "true", "t", "yes", "on")
 
 
@@ -18,16 +19,27 @@ def cuda_graphs_enabled() -> bool:
     return os.environ.get(CUDA_GRAPHS, "1").strip().lower() not in _OFF
 
 
-@functools.lru_cache(maxsize=1)
-def device_augmentation_switch() -> Optional[bool]:
-    """``NNUNETV2_MOBILEVIM_DEVICE_AUGMENTATION``: False (0/false/no), True (1/true/yes) or None (unset:
-    each trainer's own choice)."""
-    value = os.environ.get(DEVICE_AUGMENTATION, "").strip().lower()
+def _tri_state(name: str, off: str, on: str) -> Optional[bool]:
+    value = os.environ.get(name, "").strip().lower()
     if value in ("", "auto"):
         return None
     if value in _OFF:
         return False
     if value in _ON:
         return True
-    raise ValueError(f"{DEVICE_AUGMENTATION}={value!r}: use 0 (nnU-Net's augmentation in its worker processes), "
-                     "1 (on the training device) or leave it unset")
+    raise ValueError(f"{name}={value!r}: use 0 ({off}), 1 ({on}) or leave it unset")
+
+
+@functools.lru_cache(maxsize=1)
+def device_augmentation_switch() -> Optional[bool]:
+    """``NNUNETV2_MOBILEVIM_DEVICE_AUGMENTATION``: False (0/false/no), True (1/true/yes) or None (unset:
+    each trainer's own choice)."""
+    return _tri_state(DEVICE_AUGMENTATION, "nnU-Net's augmentation in its worker processes", "on the training device")
+
+
+@functools.lru_cache(maxsize=1)
+def device_pipeline_switch() -> Optional[bool]:
+    """``NNUNETV2_MOBILEVIM_DEVICE_PIPELINE`` (``nnunetv2_mobilevim predict``): False (nnU-Net's own
+    preprocessing and export), True (the device pipeline, an error where it cannot run) or None (unset: the
+    device pipeline wherever it reproduces the configuration)."""
+    return _tri_state(DEVICE_PIPELINE, "nnU-Net's preprocessing and export", "preprocessing and export on the device")
