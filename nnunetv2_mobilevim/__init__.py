@@ -6,7 +6,7 @@ shell profile) answers without importing torch.
 
 import importlib
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 _EXPORTS = {
     "MobileViM": "networks.mobilevim", "count_parameters": "networks.mobilevim",

@@ -94,6 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
               "command": "python -m nnunetv2_mobilevim.research.predict_timing " + " ".join(argv or sys.argv[1:]),
               "note": "untrained weights (timing only); mirroring on; npp/nps at nnU-Net's defaults", "rows": rows}
     out = Path(os.environ.get("OUT", "/tmp")) / f"predict_timing_{args.dataset}_{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     for name, row in rows.items():
         print(f"{name:55s} {row['median_s']:6.1f} s  {row['vs_stock_nnunet']:.2f}x")

@@ -162,7 +162,8 @@ def run_child(kind: str, patch: Optional[int], limit_gb: float, env: Dict[str, s
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m nnunetv2_mobilevim.research.scan_memory", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help="write the rows as JSON here")
     p.add_argument("--measure", nargs="+", default=list(MEASUREMENTS), choices=MEASUREMENTS)
     p.add_argument("--patches", type=int, nargs="+", default=[32, 64], help="isotropic patch edges for U-Mamba Enc")

@@ -128,6 +128,104 @@ def write_dataset(out: Path, cases: int = 10, test_cases: int = 2, shape: Sequen
     return out
 
 
+CT_LABEL_NAMES = ["background", "organ", "kidney", "aorta", "bone"]
+CT_HU = {"air": -1000.0, "fat": -100.0, "soft_tissue": 40.0, "organ": 60.0, "kidney": 150.0, "aorta": 250.0,
+         "bone": 700.0}
+
+
+def ct_spacing(rng: np.random.Generator) -> Tuple[float, float, float]:
+    """A (z, y, x) spacing in mm like an abdominal CT's: square pixels of 0.7-0.9 mm and slices 3.1-3.6 times
+    as thick (about 2.2-3.2 mm), so every case is anisotropic beyond nnU-Net's threshold of 3 and nnU-Net
+    resamples it with the coarse axis separately (``determine_do_sep_z_and_axis``)."""
+    pixel = float(rng.uniform(0.7, 0.9))
+    return float(pixel * rng.uniform(3.1, 3.6)), pixel, pixel
+
+
+def make_ct_case(shape: Sequence[int], spacing: Sequence[float],
+                 rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    """One (image int16 in Hounsfield-like units, label uint8) pair of ``shape`` (z, y, x) at ``spacing`` mm:
+    a body (fat rim, soft tissue) in air inside a circular field of view, with labels 1 organ, 2 kidneys,
+    3 aorta (a tube along z), 4 bone (a vertebral column along z), and noise. Anatomy is placed in mm, so
+    cases of different spacing show it at different voxel sizes. Outside the field of view (a disc of
+    0.42 x the in-plane size) and on the first and last slice the value is 0, as a scanner's FOV mask and
+    padding write it: nnU-Net's crop to the non-zero region crops there."""
+    z, y, x = np.meshgrid(*[(np.arange(n, dtype=np.float32) - (n - 1) / 2) * s for n, s in zip(shape, spacing)],
+                          indexing="ij")
+    fov = 0.42 * min(shape[1] * spacing[1], shape[2] * spacing[2])
+    body_a, body_b = fov * rng.uniform(0.8, 0.9), fov * rng.uniform(0.6, 0.7)  # body half-axes along x, y (mm)
+    cy, cx = rng.uniform(-0.05, 0.05, 2) * fov
+    body = ((x - cx) / body_a) ** 2 + ((y - cy) / body_b) ** 2
+    image = np.full(shape, CT_HU["air"], dtype=np.float32)
+    image[body < 1] = CT_HU["fat"]
+    image[body < 0.8] = CT_HU["soft_tissue"]
+    label = np.zeros(shape, dtype=np.uint8)
+
+    def ellipsoid(center, radii):
+        return sum(((c - m) / r) ** 2 for c, m, r in zip((z, y, x), center, radii)) < 1
+
+    z_extent = shape[0] * spacing[0] / 2
+    organ_radii = (z_extent * rng.uniform(0.6, 0.9), body_b * rng.uniform(0.4, 0.5), body_a * rng.uniform(0.3, 0.4))
+    organ = ellipsoid((rng.uniform(-0.2, 0.2) * z_extent, cy - 0.1 * body_b, cx - 0.35 * body_a), organ_radii)
+    label[organ & (body < 0.8)] = 1
+    for side in (-1, 1):
+        kidney = ellipsoid((rng.uniform(-0.3, 0.3) * z_extent, cy + 0.35 * body_b, cx + side * 0.45 * body_a),
+                           (z_extent * rng.uniform(0.3, 0.45), body_b * 0.2, body_a * rng.uniform(0.1, 0.14)))
+        label[kidney] = 2
+    aorta_y, aorta_x = cy + 0.1 * body_b, cx + rng.uniform(0.05, 0.15) * body_a
+    label[(y - aorta_y) ** 2 + (x - aorta_x) ** 2 < (body_a * rng.uniform(0.07, 0.09)) ** 2] = 3
+    spine_y, spine_x = cy + 0.55 * body_b, cx
+    label[(y - spine_y) ** 2 + (x - spine_x) ** 2 < (body_b * rng.uniform(0.18, 0.22)) ** 2] = 4
+    for cls, name in enumerate(CT_LABEL_NAMES[1:], start=1):
+        image[label == cls] = CT_HU[name] + rng.normal(0, 10)
+    image += rng.normal(0, 15, shape).astype(np.float32)
+    outside = (x ** 2 + y ** 2) > fov ** 2
+    outside[[0, -1]] = True
+    image[outside], label[outside] = 0, 0
+    return np.round(image).astype(np.int16), label
+
+
+def write_ct_dataset(out: Path, cases: int = 6, test_cases: int = 2, shape: Sequence[int] = (20, 48, 48),
+                     seed: int = 0, test_shapes: Optional[Sequence[Sequence[int]]] = None,
+                     test_spacings: Optional[Sequence[Sequence[float]]] = None) -> Path:
+    """Write a CT-like dataset (``make_ct_case``) in nnU-Net's raw format into ``out``: imagesTr/labelsTr/
+    imagesTs/labelsTs and dataset.json with the channel named "CT" (nnU-Net plans CTNormalization); test
+    case k has shape ``test_shapes[k]`` and (z, y, x) spacing ``test_spacings[k]`` where given (default:
+    ``shape``, a spacing drawn as for the training cases). Each
+    case has its own spacing (``ct_spacing``), origin and a direction that flips x and y (as LPS-stored
+    NIfTI do), so nnU-Net resamples every case to and from its target spacing and the geometry a
+    prediction must carry over is not the default."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(seed)
+    for folder in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    for i in range(cases + test_cases):
+        split = "Tr" if i < cases else "Ts"
+        spacing = ct_spacing(rng)
+        origin = tuple(float(v) for v in rng.uniform(-200, 200, 3))
+        case_shape = shape
+        if split == "Ts":
+            case_shape = test_shapes[i - cases] if test_shapes else shape
+            spacing = tuple(float(s) for s in test_spacings[i - cases]) if test_spacings else spacing
+        image, label = make_ct_case(case_shape, spacing, rng)
+        for array, path in ((image, out / f"images{split}" / f"ct_{i:03d}_0000.nii.gz"),
+                            (label, out / f"labels{split}" / f"ct_{i:03d}.nii.gz")):
+            img = sitk.GetImageFromArray(array)
+            img.SetSpacing(tuple(reversed(spacing)))
+            img.SetOrigin(origin)
+            img.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+            sitk.WriteImage(img, str(path), useCompression=True)
+    (out / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"},
+        "labels": {n: i for i, n in enumerate(CT_LABEL_NAMES)},
+        "numTraining": cases,
+        "file_ending": ".nii.gz",
+        "name": out.name,
+        "description": "synthetic CT-like anisotropic cases from nnunetv2_mobilevim.research.synthetic",
+    }, indent=2))
+    return out
+
+
 def ignore_label_mask(shape: Sequence[int]) -> np.ndarray:
     """Bool array of ``shape``, True where a sparsely annotated training label is set to the ignore label:
     everywhere except every third slice of the first axis (slices 0, 3, 6, ...)."""
@@ -158,7 +256,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--ignore-label", action="store_true",
                         help="sparse training labels with nnU-Net's ignore label")
     parser.add_argument("--regions", action="store_true", help="nested regions (region-based training)")
+    parser.add_argument("--ct", action="store_true",
+                        help="CT-like anisotropic cases instead (write_ct_dataset; --classes and label options unused)")
     args = parser.parse_args(argv)
+    if args.ct:
+        write_ct_dataset(args.out, args.cases, args.test_cases, args.shape, seed=args.seed)
+        print(f"wrote {args.cases} training and {args.test_cases} CT-like test cases to {args.out}")
+        return
     write_dataset(args.out, args.cases, args.test_cases, args.shape, args.classes, seed=args.seed,
                   ignore_label=args.ignore_label, regions=args.regions)
     print(f"wrote {args.cases} training and {args.test_cases} test cases to {args.out}")

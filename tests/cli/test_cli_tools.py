@@ -17,7 +17,8 @@ from nnunetv2_mobilevim.nnunet import run as nnunet_run
 from nnunetv2_mobilevim.nnunet.registration import ext_trainer_dir
 
 REPO = Path(__file__).resolve().parents[2]
-RESEARCH = ["compare", "synthetic", "epoch_anatomy", "loader_throughput", "step_profile", "first_call"]
+RESEARCH = ["compare", "synthetic", "epoch_anatomy", "loader_throughput", "step_profile", "first_call",
+            "predict_e2e", "prediction_agreement", "scan_memory"]
 
 
 def test_demo_writes_embedded_dataset_as_nnunet_raw(tmp_path):
