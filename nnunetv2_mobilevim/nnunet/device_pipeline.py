@@ -6,7 +6,7 @@
     export_prediction_from_logits: resample the logits     ``DevicePipeline.export``
       back -> softmax / argmax -> un-crop -> transpose back
 
-The steps and their order are nnU-Net's; resampling is ``acceleration.resampling`` (nnU-Net's
+The steps and their order are nnU-Net's; resampling is ``nnunet.resampling`` (nnU-Net's
 spline resampling as per-axis matrices), normalisation the same arithmetic in float32 for nnU-Net's
 CT, z-score, rescale and no-op schemes (any other scheme runs nnU-Net's own class on the CPU for that
 channel). ``unsupported`` names what this pipeline cannot reproduce (another preprocessor or
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..acceleration.resampling import resample_like_nnunet
+from .resampling import resample_like_nnunet
 
 _RESAMPLING = "resample_data_or_seg_to_shape"  # nnU-Net's default, the one ``resample_like_nnunet`` reproduces
 _EPS = 1e-8  # nnU-Net's normalisation epsilon for float32

@@ -10,7 +10,7 @@ which a GPU does in milliseconds, followed by the same clipping.
 The matrices are not derived here: they are what the reference functions return for unit impulses
 (``resize`` / ``map_coordinates`` of an identity matrix, float64, built once per size and cached), so
 the spline prefilter, boundary handling and coordinate convention are scipy's own. Products run in
-float32 (nnU-Net: float64); ``tests/acceleration/test_resampling.py`` compares with nnU-Net's function.
+float32 (nnU-Net: float64); ``tests/nnunet/test_resampling.py`` compares with nnU-Net's function.
 
     y = resample_like_nnunet(x, new_shape, current_spacing, new_spacing, order=3, order_z=0)
     # x: (C, X, Y, Z) float tensor on any device -> (C, *new_shape) float32 on the same device

@@ -12,7 +12,7 @@ import pytest
 import torch
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape, resample_data_or_seg_to_shape
 
-from nnunetv2_mobilevim.acceleration.resampling import resample_like_nnunet
+from nnunetv2_mobilevim.nnunet.resampling import resample_like_nnunet
 
 # (shape (C, X, Y, Z), current spacing, new spacing): isotropic up and down, anisotropic with the coarse
 # axis first / in the middle / last (separate-z), only the coarse axis changing, no change at all
