@@ -283,6 +283,9 @@ def test_plans_it_cannot_honour_are_refused():
         umamba_from_plan(plan, (14, 16, 16), 1, 3, True)
     with pytest.raises(ValueError, match="importable"):
         umamba_from_plan({**plan, "norm_op": "torch.nn.NoSuchNorm"}, patch, 1, 3, True)
+    one_stage = {k: (v[:1] if isinstance(v, list) and len(v) == plan["n_stages"] else v) for k, v in plan.items()}
+    with pytest.raises(ValueError, match="n_stages >= 2"):
+        umamba_from_plan({**one_stage, "n_stages": 1, "n_conv_per_stage_decoder": []}, patch, 1, 3, True)
 
 
 def test_twin_from_the_config_file(tmp_path):

@@ -324,6 +324,9 @@ def umamba_from_plan(arch_kwargs: dict, patch_size: Sequence[int], num_input_cha
         config = UMambaConfig.from_dict({**config.to_dict(), "mamba": False, "name": config.name + "NoMamba"},
                                         source=f"{config.name} + mamba=False")
     n_stages = int(arch_kwargs["n_stages"])
+    if n_stages < 2:  # one stage has no decoder: the network would return its deep-supervision list only
+        raise ValueError(f"U-Mamba needs a plan with n_stages >= 2, got {n_stages} (the patch is too small to "
+                         "downsample; plan a larger patch)")
 
     def per_stage_list(key: str, count: int) -> List:
         value = arch_kwargs[key]
