@@ -238,9 +238,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="networks compiled even with --compile-skip-graphed (default: nnU-Net's, which nnU-Net "
                         "trains compiled and the goals compare with)")
     p.add_argument("--predict-e2e", action="store_true",
-                   help="instead: time nnUNetv2_predict of one 256^3 volume (sliding window, mirroring) with "
-                        "nnUNetTrainerMobileViM_smoke vs nnU-Net's nnUNetTrainer_1epoch on the same plans "
-                        "(needs nnU-Net)")
+                   help="instead: time whole prediction commands on ten CT-sized volumes and one 256^3 volume, "
+                        "stock nnUNetv2_predict and nnunetv2_mobilevim predict, each with nnU-Net's default model "
+                        "and MobileViM_s, fresh processes, the first call separately (research.predict_e2e)")
     p.add_argument("--channels-last", action="store_true",
                    help="run every network and input in channels_last_3d memory format")
     p.add_argument("--profile", action="store_true",
@@ -781,62 +781,6 @@ def plot(result: Dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def predict_e2e() -> Dict:
-    """Train both trainers for a moment on a synthetic 128^3 dataset (weights do not matter for timing),
-    then time nnUNetv2_predict of one 256^3 volume for each: the whole command (process start included)
-    and the predictor alone (nnUNetPredictor.predict_from_files after initialisation)."""
-    import os
-    import tempfile
-
-    import torch
-
-    from ..nnunet import run as nnunet_run
-    from ..research.synthetic import write_dataset
-
-    root = Path(tempfile.mkdtemp(prefix="mobilevim-predict-"))
-    os.environ.update(nnunet_run.folder_variables(root), nnUNet_compile="f")
-    env = dict(os.environ)  # what the nnU-Net commands below run with
-    write_dataset(root / "raw" / "Dataset777_Predict", cases=5, test_cases=1, shape=(128, 128, 128),
-                  num_classes=3, test_shape=(256, 256, 256))
-    nnunet_run.plan_and_preprocess(["-d", 777, "-c", "3d_fullres", "-np", 4], env)
-    trainers = ["nnUNetTrainer_1epoch", "nnUNetTrainerMobileViM_smoke"]
-    rows = []
-    for trainer in trainers:
-        print(f"[predict-e2e] training {trainer} briefly ...", file=sys.stderr, flush=True)
-        nnunet_run.train([777, "3d_fullres", 0, "-tr", trainer], env)
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    images = root / "raw" / "Dataset777_Predict" / "imagesTs"
-    for trainer in trainers:
-        walls = []
-        for rep in range(2):
-            start = time.perf_counter()
-            nnunet_run.predict(["-i", images, "-o", root / f"cli_{trainer}_{rep}", "-d", 777, "-c", "3d_fullres",
-                                "-tr", trainer, "-f", 0], env)
-            walls.append(time.perf_counter() - start)
-        predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=True, device=torch.device("cuda"))
-        model = root / "res" / "Dataset777_Predict" / f"{trainer}__nnUNetPlans__3d_fullres"
-        predictor.initialize_from_trained_model_folder(str(model), use_folds=(0,),
-                                                       checkpoint_name="checkpoint_final.pth")
-        inner = []
-        for rep in range(3):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            predictor.predict_from_files(str(images), str(root / f"api_{trainer}_{rep}"), save_probabilities=False,
-                                         overwrite=True, num_processes_preprocessing=2,
-                                         num_processes_segmentation_export=2)
-            torch.cuda.synchronize()
-            inner.append(time.perf_counter() - start)
-        plans = json.loads((model / "plans.json").read_text())
-        rows.append({"trainer": trainer, "cli_seconds": min(walls), "predictor_seconds": min(inner),
-                     "patch": plans["configurations"]["3d_fullres"]["patch_size"]})
-        print(f"[predict-e2e] {trainer}: nnUNetv2_predict {min(walls):.1f} s (whole command), "
-              f"predictor {min(inner):.1f} s", file=sys.stderr, flush=True)
-    base, ours = rows
-    return {"volume": [256, 256, 256], "rows": rows, "cli_ratio": ours["cli_seconds"] / base["cli_seconds"],
-            "predictor_ratio": ours["predictor_seconds"] / base["predictor_seconds"]}
-
-
 def _commit() -> Optional[str]:
     """The checkout's commit, None outside a git checkout (the GPU machine's copy of the tree)."""
     try:
@@ -926,11 +870,16 @@ def run_benchmark(args: argparse.Namespace) -> int:
         return 2
     out: Optional[Path] = args.out
     if args.predict_e2e:
-        result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, **predict_e2e()}
-        print(json.dumps(result, indent=2))
-        if out:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        import tempfile
+
+        from ..research import predict_e2e
+
+        root = Path(tempfile.mkdtemp(prefix="mobilevim-predict-e2e-"))
+        target = out.with_suffix(".json") if out else root / "predict_e2e.json"
+        result = predict_e2e.measure(root, target, command="nnunetv2_mobilevim benchmark " + " ".join(sys.argv[2:]))
+        result.update(device=torch.cuda.get_device_name(0), torch=torch.__version__)
+        target.write_text(json.dumps(result, indent=1))
+        print(json.dumps(result["rows"], indent=1))
         return 0
     family: Optional[Path] = args.family_json
     result = benchmark(list(args.networks), BenchmarkOptions.from_args(args),

@@ -84,6 +84,7 @@ def _choose_pipeline(predictor, args: argparse.Namespace) -> str:
 
 def _predict_with_nnunet(predictor, args: argparse.Namespace, ending: str) -> None:
     npp, nps = _processes(args, ending)
+    predictor = predictor.nnunet_predictor()
     if npp == 0 and nps == 0:
         predictor.predict_from_files_sequential(args.i, args.o, save_probabilities=args.save_probabilities,
                                                 overwrite=not args.continue_prediction,

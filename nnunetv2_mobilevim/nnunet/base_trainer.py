@@ -35,6 +35,7 @@ from ..acceleration.training import GraphedTrainStep
 from ..ssm import describe_backend, resolve_backend
 from .device_augmentation import DeviceAugmentation
 from .optim import CHECKPOINT_KEYS, SGD, checkpoint_mismatch, contiguous_state_dict, portable_checkpoints
+from .prediction_networks import for_prediction
 from .switches import cuda_graphs_enabled
 
 
@@ -74,7 +75,7 @@ class nnUNetTrainerMambaBase(DeviceAugmentation, nnUNetTrainer):
                                         enable_deep_supervision)
         # enable_deep_supervision=False is how nnU-Net's predictor builds the network: give it the
         # BatchNorm-folded, CUDA-graph-replayed forward (same logits and state_dict; only in eval on CUDA)
-        return FastInference(network) if not enable_deep_supervision and cuda_graphs_enabled() else network
+        return network if enable_deep_supervision else for_prediction(network)
 
     def _build_loss(self):
         """nnU-Net's loss (deep-supervision wrapper and weights included), except that with an ignore label

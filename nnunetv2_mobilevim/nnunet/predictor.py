@@ -3,70 +3,71 @@
     predictor = Predictor(tile_step_size=0.5, use_mirroring=True, device=torch.device("cuda"))
     predictor.initialize_from_trained_model_folder(model_folder, use_folds=(0,), checkpoint_name="checkpoint_final.pth")
     predictor.predict_folder(input_folder, output_folder, save_probabilities=False)   # this module's pipeline
-    predictor.predict_from_files(input_folder, output_folder, ...)                    # nnU-Net's own, unchanged
+    predictor.nnunet_predictor().predict_from_files(input_folder, output_folder, ...)  # nnU-Net's own, unchanged
 
 ``predict_folder``: images are read and outputs written in background threads while the device works;
-preprocessing and export run on the device (``device_pipeline``); the sliding window, its Gaussian
-weighting, mirroring and the fold ensemble are nnU-Net's own methods, given the preprocessed tensor on
-the device (all folds share one preprocessing). A step that runs out of GPU memory is redone with
-nnU-Net's CPU code for that case, which is said once.
+preprocessing and export run on the device (``device_pipeline``); the sliding window is nnU-Net's
+(its tiles, Gaussian weighting, float16 accumulation, test-time mirroring, fold ensemble), on the
+preprocessed tensor on the device (all folds share one preprocessing). A step that runs out of GPU
+memory is redone with nnU-Net's CPU code for that case, which is said once.
 
-nnU-Net finds the trainer class named in a checkpoint by searching the modules under
-``nnunetv2.training.nnUNetTrainer`` and the ``nnUNet_extTrainer`` folders, so a MobileViM model
-predicts only where that variable is set. ``find_trainer_class`` imports this package's trainers and
-nnU-Net's default trainer directly and searches like nnU-Net for any other name (no faster than
-nnU-Net's search once its predictor module is imported: docs/benchmarks/devcpu_trainer_search.txt).
+Deliberately not a subclass of nnU-Net's ``nnUNetPredictor``: its module imports torch._dynamo and nnU-Net's
+preprocessing workers, and nnU-Net's predictor imports the checkpoint's trainer class, whose module imports
+nnU-Net's trainer and plotting libraries: on a CPU, seconds of predicting one case (docs/nnunet.md,
+"Prediction"). So this class re-writes nnU-Net's sliding window with the same arithmetic
+(``tests/nnunet/test_predict_folder.py`` checks the logits against nnU-Net's, bit for bit where the network
+is the same), builds the network with ``prediction_networks`` and imports nnU-Net's predictor only for
+nnU-Net's own pipeline (``nnunet_predictor``).
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import os
 import time
-import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from torch import nn
 
 
-def find_trainer_class(name: str) -> type:
-    """The trainer class ``name`` (as a checkpoint stores it): this package's trainers and nnU-Net's
-    ``nnUNetTrainer`` by import; any other name by nnU-Net's own search."""
-    if name == "nnUNetTrainer":
-        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+class Predictor:
+    """``nnUNetPredictor``'s constructor, ``initialize_from_trained_model_folder``, ``manual_initialization``
+    and sliding window (``predict_sliding_window_return_logits``) with nnU-Net's arguments and attributes,
+    plus ``predict_folder`` (this module's pipeline) and ``nnunet_predictor`` (nnU-Net's own)."""
 
-        return nnUNetTrainer
-    from . import device_augmentation, trainers
-
-    for module in (trainers, device_augmentation):
-        cls = getattr(module, name, None)
-        if isinstance(cls, type):
-            return cls
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
-    return recursive_find_trainer_class_by_name(name)
-
-
-class Predictor(nnUNetPredictor):
-    """``nnUNetPredictor`` whose ``initialize_from_trained_model_folder`` finds the trainer with
-    ``find_trainer_class``. Deliberately a re-written method, not a call to nnU-Net's: its trainer
-    search is a module-level call inside it. What it sets up is nnU-Net's (``manual_initialization``)."""
+    def __init__(self, tile_step_size: float = 0.5, use_gaussian: bool = True, use_mirroring: bool = True,
+                 perform_everything_on_device: bool = True, device: torch.device = torch.device("cuda"),
+                 verbose: bool = False, verbose_preprocessing: bool = False, allow_tqdm: bool = True):
+        self.tile_step_size, self.use_gaussian, self.use_mirroring = tile_step_size, use_gaussian, use_mirroring
+        self.verbose, self.verbose_preprocessing, self.allow_tqdm = verbose, verbose_preprocessing, allow_tqdm
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.device = device
+        self.perform_everything_on_device = perform_everything_on_device and device.type == "cuda"
+        self.plans_manager = self.configuration_manager = self.list_of_parameters = self.network = None
+        self.dataset_json = self.trainer_name = self.allowed_mirroring_axes = self.label_manager = None
+        self._mirror_one_by_one = False
+        self._told: set = set()
 
     def initialize_from_trained_model_folder(self, model_training_output_dir: str,
                                              use_folds: Optional[Sequence[Union[int, str]]],
                                              checkpoint_name: str = "checkpoint_final.pth") -> None:
+        """nnU-Net's method: the plans, dataset.json and every fold's weights of a model folder, the network
+        its trainer builds (``prediction_networks.network_for_prediction``)."""
         from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+        from .prediction_networks import network_for_prediction
+
+        folder = str(model_training_output_dir)
         if use_folds is None:
-            use_folds = self.auto_detect_available_folds(model_training_output_dir, checkpoint_name)
+            use_folds = _available_folds(folder, checkpoint_name)
         if isinstance(use_folds, (str, int)):
             use_folds = [use_folds]
-        folder = str(model_training_output_dir)
         dataset_json = _load_json(os.path.join(folder, "dataset.json"))
         plans_manager = PlansManager(_load_json(os.path.join(folder, "plans.json")))
         parameters, trainer_name, configuration, mirroring = [], None, None, None
@@ -85,12 +86,35 @@ class Predictor(nnUNetPredictor):
         configuration_manager = plans_manager.get_configuration(configuration)
         inputs = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
         outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-        trainer_class = find_trainer_class(trainer_name)
-        network = _build_network(trainer_class, plans_manager, configuration_manager, inputs, outputs)
+        network = network_for_prediction(trainer_name, plans_manager, configuration_manager, inputs, outputs)
         network.load_state_dict(parameters[0])  # as nnU-Net does before the first case (its issue 2520)
         self.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
                                    trainer_name, mirroring)
 
+    def manual_initialization(self, network: nn.Module, plans_manager, configuration_manager,
+                              parameters: Optional[List[dict]], dataset_json: dict, trainer_name: str,
+                              inference_allowed_mirroring_axes: Optional[Tuple[int, ...]]) -> None:
+        """nnU-Net's method, the same attributes; torch.compile where ``nnUNet_compile`` asks for it."""
+        self.plans_manager, self.configuration_manager = plans_manager, configuration_manager
+        self.list_of_parameters, self.network, self.dataset_json = parameters, network, dataset_json
+        self.trainer_name, self.allowed_mirroring_axes = trainer_name, inference_allowed_mirroring_axes
+        self.label_manager = plans_manager.get_label_manager(dataset_json)
+        if os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t") and not hasattr(network, "_orig_mod"):
+            print("Using torch.compile")
+            self.network = torch.compile(network)
+
+    def nnunet_predictor(self):
+        """nnU-Net's own ``nnUNetPredictor`` with this one's settings, network and weights: its pipeline
+        (worker processes, the cascade, ``--not_on_device``) for what ``device_pipeline`` does not do."""
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        predictor = nnUNetPredictor(self.tile_step_size, self.use_gaussian, self.use_mirroring,
+                                    self.perform_everything_on_device, self.device, self.verbose,
+                                    self.verbose_preprocessing, self.allow_tqdm)
+        predictor.manual_initialization(self.network, self.plans_manager, self.configuration_manager,
+                                        self.list_of_parameters, self.dataset_json, self.trainer_name,
+                                        self.allowed_mirroring_axes)
+        return predictor
 
     # -- this module's pipeline -------------------------------------------------------------------------
     def predict_folder(self, source_folder: str, output_folder: str, save_probabilities: bool = False,
@@ -114,8 +138,8 @@ class Predictor(nnUNetPredictor):
         save_json(arguments, os.path.join(output_folder, "predict_from_raw_data_args.json"))
         save_json(self.dataset_json, os.path.join(output_folder, "dataset.json"), sort_keys=False)
         save_json(self.plans_manager.plans, os.path.join(output_folder, "plans.json"), sort_keys=False)
-        inputs, outputs, _ = self._manage_input_and_output_lists(source_folder, output_folder, None, overwrite,
-                                                                 part_id, num_parts, save_probabilities)
+        inputs, outputs = self._case_lists(source_folder, output_folder, overwrite, part_id, num_parts,
+                                           save_probabilities)
         reader = self.plans_manager.image_reader_writer_class()
         ending = self.dataset_json["file_ending"]
         with ThreadPoolExecutor(1, thread_name_prefix="read") as reading, \
@@ -137,6 +161,29 @@ class Predictor(nnUNetPredictor):
             for future in behind:
                 future.result()
         return outputs
+
+    def _case_lists(self, source_folder: str, output_folder: str, overwrite: bool, part_id: int, num_parts: int,
+                    save_probabilities: bool) -> Tuple[List[List[str]], List[str]]:
+        """nnU-Net's ``_manage_input_and_output_lists`` for a folder (the same cases, order, part and messages):
+        each case's image files and its output path without the file ending; without ``overwrite`` only the
+        cases whose outputs (.npz too with ``save_probabilities``) are not there yet."""
+        from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+
+        ending = self.dataset_json["file_ending"]
+        cases = create_lists_from_splitted_dataset_folder(source_folder, ending)
+        print(f"There are {len(cases)} cases in the source folder")
+        cases = cases[part_id::num_parts]
+        print(f"I am process {part_id} out of {num_parts} (max process ID is {num_parts - 1}, we start counting "
+              "with 0!)")
+        print(f"There are {len(cases)} cases that I would like to predict")
+        outputs = [os.path.join(output_folder, os.path.basename(c[0])[:-(len(ending) + 5)]) for c in cases]
+        if not overwrite:
+            todo = [i for i, out in enumerate(outputs) if not (os.path.isfile(out + ending) and (
+                not save_probabilities or os.path.isfile(out + ".npz")))]
+            cases, outputs = [cases[i] for i in todo], [outputs[i] for i in todo]
+            print(f"overwrite was set to {overwrite}, so I am only working on cases that haven't been predicted yet. "
+                  f"That's {len(todo)} cases.")
+        return cases, outputs
 
     def _predict_case(self, pipeline, image, properties: dict, save_probabilities: bool,
                       name: str) -> Tuple:
@@ -183,35 +230,110 @@ class Predictor(nnUNetPredictor):
             total /= len(self.list_of_parameters)
         return total
 
+    # -- nnU-Net's sliding window ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def predict_sliding_window_return_logits(self, input_image: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's method: image (C, *spatial) preprocessed -> logits (K, *spatial) float16, padded to the
+        patch where smaller, tiled with nnU-Net's steps, each tile's (mirrored) prediction weighted by
+        nnU-Net's Gaussian and accumulated in float16 on the device (in host memory if that does not fit,
+        as nnU-Net says), divided by the summed weights."""
+        from acvl_utils.cropping_and_padding.padding import pad_nd_image
+
+        assert input_image.ndim == 4, "input_image must be a 4D np.ndarray or torch.Tensor (c, x, y, z)"
+        self.network = self.network.to(self.device)
+        self.network.eval()
+        _empty_cache(self.device)
+        # autocast only on CUDA, as nnU-Net (on CPUs it can be slow, on MPS unsupported)
+        with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else nullcontext():
+            data, revert_padding = pad_nd_image(input_image, self.configuration_manager.patch_size, "constant",
+                                                {"value": 0}, True, None)
+            slicers = self._sliding_window_slicers(data.shape[1:])
+            if self.perform_everything_on_device:
+                try:
+                    logits = self._accumulate(data, slicers, self.device)
+                except RuntimeError:
+                    print("Prediction on device was unsuccessful, probably due to a lack of memory. "
+                          "Moving results arrays to CPU")
+                    _empty_cache(self.device)
+                    logits = self._accumulate(data, slicers, torch.device("cpu"))
+            else:
+                logits = self._accumulate(data, slicers, torch.device("cpu"))
+            _empty_cache(self.device)
+            return logits[(slice(None), *revert_padding[1:])]
+
+    def _sliding_window_slicers(self, image_size: Sequence[int]) -> List[tuple]:
+        """nnU-Net's tiles (``_internal_get_sliding_window_slicers``): index tuples into (C, *image_size),
+        the last axis fastest; a 2D patch on a 3D image slides over every slice of the first axis."""
+        from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+        patch = list(self.configuration_manager.patch_size)
+        lead = len(image_size) - len(patch)
+        assert lead in (0, 1), "the patch may have one axis fewer than the image, not more"
+        steps = compute_steps_for_sliding_window(image_size[lead:], patch, self.tile_step_size)
+        outer = [[d] for d in range(image_size[0])] if lead else [[]]
+        return [(slice(None), *d, *[slice(s, s + p) for s, p in zip(starts, patch)])
+                for d in outer for starts in itertools.product(*steps)]
+
+    @torch.inference_mode()
+    def _accumulate(self, data: torch.Tensor, slicers: List[tuple], results_device: torch.device) -> torch.Tensor:
+        """nnU-Net's ``_internal_predict_sliding_window_return_logits``: the same operations in the same order
+        (float32 tile prediction times the float16 Gaussian, added into float16 sums, divided in float16)."""
+        from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+        from tqdm import tqdm
+
+        data = data.to(results_device)
+        logits = torch.zeros((self.label_manager.num_segmentation_heads, *data.shape[1:]), dtype=torch.half,
+                             device=results_device)
+        weights = torch.zeros(data.shape[1:], dtype=torch.half, device=results_device)
+        gaussian = compute_gaussian(tuple(self.configuration_manager.patch_size), sigma_scale=1. / 8,
+                                    value_scaling_factor=10, device=results_device) if self.use_gaussian else 1
+        for sl in tqdm(slicers, disable=not self.allow_tqdm):
+            tile = torch.clone(data[sl][None], memory_format=torch.contiguous_format).to(self.device)
+            prediction = self._internal_maybe_mirror_and_predict(tile)[0].to(results_device)
+            if self.use_gaussian:
+                prediction *= gaussian
+            logits[sl] += prediction
+            weights[sl[1:]] += gaussian
+        torch.div(logits, weights, out=logits)
+        if torch.any(torch.isinf(logits)):
+            raise RuntimeError("Encountered inf in predicted array. Aborting... If this problem persists, reduce "
+                               "value_scaling_factor in compute_gaussian or increase the dtype of predicted_logits "
+                               "to fp32")
+        return logits
+
     @torch.inference_mode()
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
-        """nnU-Net's test-time mirroring of one tile x (1, C, *patch) with the mirrored copies in one batch
-        (one forward of up to 8 samples instead of 8 forwards of one), summed in nnU-Net's order. The same
-        logits up to the network's float rounding per batch size. Deliberately not nnU-Net's method, which
-        runs one forward per mirroring; if the batch does not fit in memory, nnU-Net's method runs (said
-        once)."""
+        """nnU-Net's test-time mirroring of one tile x (1, C, *patch), with the mirrored copies in one batch
+        (one forward of up to 8 samples instead of 8 forwards of one), summed in nnU-Net's order: the same
+        logits up to the network's float rounding per batch size. If the batch does not fit in memory,
+        one forward per copy as nnU-Net does (said once)."""
         axes = self.allowed_mirroring_axes if self.use_mirroring else None
-        if not axes or x.shape[0] != 1 or self.__dict__.get("_mirror_one_by_one"):
-            return super()._internal_maybe_mirror_and_predict(x)
+        if not axes:
+            return self.network(x)
         assert max(axes) <= x.ndim - 3, "mirror_axes does not match the dimension of the input!"
         combos = [c for i in range(len(axes)) for c in itertools.combinations([m + 2 for m in axes], i + 1)]
-        try:
-            out = self.network(torch.cat([x, *[torch.flip(x, c) for c in combos]]))
-        except torch.OutOfMemoryError:
-            self._mirror_one_by_one = True
-            torch.cuda.empty_cache()
-            print(f"the {len(combos) + 1} mirrored copies of a tile do not fit in {self.device} memory together; "
-                  "predicting them one by one as nnU-Net does (the same result, slower)", flush=True)
-            return super()._internal_maybe_mirror_and_predict(x)
-        prediction = out[:1].clone()
-        for i, c in enumerate(combos):
-            prediction += torch.flip(out[i + 1:i + 2], c)
-        return prediction / (len(combos) + 1)
+        if x.shape[0] == 1 and not self._mirror_one_by_one:
+            try:
+                out = self.network(torch.cat([x, *[torch.flip(x, c) for c in combos]]))
+            except torch.OutOfMemoryError:
+                self._mirror_one_by_one = True
+                _empty_cache(self.device)
+                print(f"the {len(combos) + 1} mirrored copies of a tile do not fit in {self.device} memory "
+                      "together; predicting them one by one as nnU-Net does (the same result, slower)", flush=True)
+            else:
+                prediction = out[:1].clone()
+                for i, c in enumerate(combos):
+                    prediction += torch.flip(out[i + 1:i + 2], c)
+                return prediction / (len(combos) + 1)
+        prediction = self.network(x)
+        for c in combos:
+            prediction += torch.flip(self.network(torch.flip(x, c)), c)
+        prediction /= (len(combos) + 1)
+        return prediction
 
     def _cpu_step_once(self, step: str, name: str) -> None:
-        told = self.__dict__.setdefault("_told", set())
-        if step not in told:
-            told.add(step)
+        if step not in self._told:
+            self._told.add(step)
             print(f"{name}: the {step} does not fit in {self.device} memory; nnU-Net's CPU code does this step for "
                   "such cases (the same result, slower)", flush=True)
         torch.cuda.empty_cache()
@@ -229,16 +351,20 @@ def _write_case(reader, seg, probabilities, properties: dict, out: str, ending: 
     reader.write_seg(seg, out + ending, properties)
 
 
-def _build_network(trainer_class: type, plans_manager, configuration_manager, inputs: int, outputs: int):
-    """``trainer_class.build_network_architecture`` for prediction, in either of nnU-Net's signatures."""
-    if "plans_manager" in inspect.signature(trainer_class.build_network_architecture).parameters:
-        return trainer_class.build_network_architecture(plans_manager, configuration_manager, inputs, outputs,
-                                                        enable_deep_supervision=False)
-    warnings.warn(f"{trainer_class.__name__} uses nnU-Net's old build_network_architecture signature",
-                  DeprecationWarning, stacklevel=2)
-    return trainer_class.build_network_architecture(
-        configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
-        configuration_manager.network_arch_init_kwargs_req_import, inputs, outputs, enable_deep_supervision=False)
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
+def _available_folds(folder: str, checkpoint_name: str) -> List[int]:
+    """nnU-Net's ``auto_detect_available_folds``: the numbered folds with that checkpoint."""
+    print("use_folds is None, attempting to auto detect available folds")
+    folds = [int(d[len("fold_"):]) for d in sorted(os.listdir(folder))  # nnU-Net's order: by name
+             if d.startswith("fold_") and d != "fold_all" and os.path.isfile(os.path.join(folder, d, checkpoint_name))]
+    print(f"found the following folds: {folds}")
+    return folds
 
 
 def _load_json(path: str) -> dict:
@@ -250,4 +376,4 @@ def _load_json(path: str) -> dict:
         return json.load(f)
 
 
-__all__: Tuple[str, ...] = ("Predictor", "find_trainer_class")
+__all__: Tuple[str, ...] = ("Predictor",)

@@ -28,7 +28,7 @@ import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
-from ..networks.mobilevim.network import NUM_DOWNSAMPLINGS, MobileViM, deep_supervision_scales
+from ..networks.mobilevim.network import deep_supervision_scales, mobilevim_from_plan, strides_from_pooling
 from .base_trainer import nnUNetTrainerMambaBase
 from .lr_schedulers import CosineLRScheduler
 from .optim import portable_checkpoints
@@ -36,9 +36,7 @@ from .optim import portable_checkpoints
 
 def strides_from_plan(configuration_manager: ConfigurationManager) -> List[List[int]]:
     """The plan's first four pooling strides (after the stride-1 first stage), padded with 1s."""
-    pools = [list(map(int, p)) for p in configuration_manager.pool_op_kernel_sizes]
-    strides = pools[1:NUM_DOWNSAMPLINGS + 1]
-    return strides + [[1] * len(pools[0])] * (NUM_DOWNSAMPLINGS - len(strides))
+    return strides_from_pooling(configuration_manager.pool_op_kernel_sizes)
 
 
 class nnUNetTrainerMobileViMBase(nnUNetTrainerMambaBase):
@@ -54,11 +52,9 @@ class nnUNetTrainerMobileViMBase(nnUNetTrainerMambaBase):
     @classmethod
     def network_from_plan(cls, configuration_manager: ConfigurationManager, num_input_channels: int,
                           num_output_channels: int, enable_deep_supervision: bool) -> nn.Module:
-        network = MobileViM(input_channels=num_input_channels, num_classes=num_output_channels,
-                            variant=cls.mobilevim_variant, strides=strides_from_plan(configuration_manager),
-                            deep_supervision=enable_deep_supervision)
-        network.check_input_size(configuration_manager.patch_size)
-        return network
+        return mobilevim_from_plan(configuration_manager.pool_op_kernel_sizes, configuration_manager.patch_size,
+                                   num_input_channels, num_output_channels, enable_deep_supervision,
+                                   variant=cls.mobilevim_variant)
 
     def _get_deep_supervision_scales(self):
         if not self.enable_deep_supervision:

@@ -2,7 +2,8 @@
 predict``, on CT-sized synthetic volumes, fresh processes, mirroring on.
 
     python -m nnunetv2_mobilevim.research.predict_e2e --root DIR [--cases 10] [--shape 200 512 512]
-        [--runs stock:nnUNetTrainer ours:nnUNetTrainer ours:nnUNetTrainerMobileViM] [--device cuda]
+        [--runs stock:nnUNetTrainer ours:nnUNetTrainer stock:nnUNetTrainerMobileViM ours:nnUNetTrainerMobileViM]
+        [--device cuda]
 
 The dataset (made once under ``--root``, reused by later calls): three training volumes of ``--shape``
 (Z, Y, X) at 2.5 x 0.8 x 0.8 mm (varied slightly), planned with nnU-Net's default planner
@@ -14,6 +15,7 @@ the whole command on the test folder, and of the same command on an empty folder
 imports, trainer search, model loading: the first-call cost), so that the warm time per case is
 (whole - empty) / cases. Each finished run appends a row to ``$OUT/predict_e2e.json``; the outputs of
 ``ours`` and ``stock`` with the same model are compared (``research.prediction_agreement``).
+``nnunetv2_mobilevim benchmark --predict-e2e`` runs all four with the defaults (``measure``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 DATASET_ID, DATASET = 981, "Dataset981_CTSized"
+RUNS = ("stock:nnUNetTrainer", "ours:nnUNetTrainer", "stock:nnUNetTrainerMobileViM", "ours:nnUNetTrainerMobileViM")
 LABELS = {"background": 0, "liver": 1, "kidney": 2, "bone": 3}
 
 
@@ -107,63 +110,70 @@ def _timed(cmd: Sequence[str], env: dict) -> float:
     return time.perf_counter() - start
 
 
+def measure(root: Path, out_json: Path, cases: int = 10, shape: Sequence[int] = (200, 512, 512), cube: int = 256,
+            runs: Sequence[str] = RUNS, device: str = "cuda", command: str = "") -> dict:
+    """The dataset under ``root`` (made once), then each of ``runs`` ("stock|ours:TRAINER"): a row appended
+    to ``out_json`` (kept across calls) as it finishes. Returns the whole result."""
+    from ..nnunet import run as nnunet_run
+    from .predict_timing import write_untrained_model
+
+    env = {**os.environ, **nnunet_run.folder_variables(root), "nnUNet_compile": "f"}
+    os.environ.update(env)
+    start = time.perf_counter()
+    raw = make_dataset(root, shape, cases, cube)
+    if not (Path(env["nnUNet_preprocessed"]) / DATASET / "nnUNetPlans.json").exists():
+        plan(env)
+    made = time.perf_counter() - start
+    result = json.loads(out_json.read_text()) if out_json.exists() else {
+        "date": time.strftime("%Y-%m-%d"), "command": command,
+        "cases": sorted(p.name for p in (raw / "imagesTs").iterdir()),
+        "note": "untrained weights (timing); mirroring on; nnU-Net's defaults otherwise", "rows": []}
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    result["dataset_seconds"] = round(made, 1)
+    empty = root / "empty"
+    empty.mkdir(exist_ok=True)
+    for run in runs:
+        which, trainer = run.split(":")
+        if which not in ("stock", "ours"):
+            raise ValueError(f"a run is stock:TRAINER or ours:TRAINER, got {run!r}")
+        model = Path(env["nnUNet_results"]) / DATASET / f"{trainer}__nnUNetPlans__3d_fullres"
+        if not (model / "plans.json").exists():
+            nnunet_run.in_fresh_process(write_untrained_model, trainer, DATASET)
+        exe = [_exe("nnUNetv2_predict")] if which == "stock" else [sys.executable, "-m", "nnunetv2_mobilevim.cli",
+                                                                   "predict"]
+        flags = ["-d", str(DATASET_ID), "-c", "3d_fullres", "-tr", trainer, "-f", "0", "-device", device]
+        out = root / "out" / which / trainer
+        shutil.rmtree(out, ignore_errors=True)
+        first = _timed([*exe, "-i", str(empty), "-o", str(root / "out" / "empty"), *flags], env)
+        whole = _timed([*exe, "-i", str(raw / "imagesTs"), "-o", str(out), *flags], env)
+        n = len(list((raw / "imagesTs").iterdir()))
+        row = {"command": which, "model": trainer, "cases": n, "wall_s": round(whole, 2),
+               "first_call_s": round(first, 2), "per_case_s": round((whole - first) / n, 2)}
+        other = root / "out" / ("stock" if which == "ours" else "ours") / trainer
+        if other.exists() and len(list(other.glob("*.nii.gz"))) == n:
+            from .prediction_agreement import compare_folders
+
+            stock, ours = (other, out) if which == "ours" else (out, other)
+            row["dice_agreement_min"] = compare_folders(stock, ours)["dice_agreement_min"]
+        result["rows"].append(row)
+        out_json.write_text(json.dumps(result, indent=1))
+        print(json.dumps(row), flush=True)
+    return result
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nnunetv2_mobilevim.research.predict_e2e", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--cases", type=int, default=10)
     parser.add_argument("--shape", type=int, nargs=3, default=[200, 512, 512], metavar=("Z", "Y", "X"))
-    parser.add_argument("--runs", nargs="+", default=["stock:nnUNetTrainer", "ours:nnUNetTrainer",
-                                                      "ours:nnUNetTrainerMobileViM"])
+    parser.add_argument("--runs", nargs="+", default=list(RUNS))
     parser.add_argument("--cube", type=int, default=256, help="edge of the extra cubic test volume (0: none)")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args(argv)
-
-    from ..nnunet import run as nnunet_run
-    from .predict_timing import write_untrained_model
-
-    root = args.root
-    env = {**os.environ, **nnunet_run.folder_variables(root), "nnUNet_compile": "f"}
-    os.environ.update(env)
-    start = time.perf_counter()
-    raw = make_dataset(root, args.shape, args.cases, args.cube)
-    if not (Path(env["nnUNet_preprocessed"]) / DATASET / "nnUNetPlans.json").exists():
-        plan(env)
-    made = time.perf_counter() - start
-    out_json = Path(os.environ.get("OUT", str(root))) / "predict_e2e.json"
-    result = json.loads(out_json.read_text()) if out_json.exists() else {
-        "date": time.strftime("%Y-%m-%d"), "command": "python -m nnunetv2_mobilevim.research.predict_e2e "
-        + " ".join(argv or sys.argv[1:]), "cases": sorted(p.name for p in (raw / "imagesTs").iterdir()),
-        "note": "untrained weights (timing); mirroring on; nnU-Net's defaults otherwise", "rows": []}
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    result["dataset_seconds"] = round(made, 1)
-    empty = root / "empty"
-    empty.mkdir(exist_ok=True)
-    for run in args.runs:
-        command, trainer = run.split(":")
-        model = Path(env["nnUNet_results"]) / DATASET / f"{trainer}__nnUNetPlans__3d_fullres"
-        if not (model / "plans.json").exists():
-            nnunet_run.in_fresh_process(write_untrained_model, trainer, DATASET)
-        exe = [_exe("nnUNetv2_predict")] if command == "stock" else [sys.executable, "-m", "nnunetv2_mobilevim.cli",
-                                                                     "predict"]
-        flags = ["-d", str(DATASET_ID), "-c", "3d_fullres", "-tr", trainer, "-f", "0", "-device", args.device]
-        out = root / "out" / command / trainer
-        shutil.rmtree(out, ignore_errors=True)
-        first = _timed([*exe, "-i", str(empty), "-o", str(root / "out" / "empty"), *flags], env)
-        whole = _timed([*exe, "-i", str(raw / "imagesTs"), "-o", str(out), *flags], env)
-        n = len(list((raw / "imagesTs").iterdir()))
-        row = {"command": command, "model": trainer, "cases": n, "wall_s": round(whole, 2),
-               "first_call_s": round(first, 2), "per_case_s": round((whole - first) / n, 2)}
-        other = root / "out" / ("stock" if command == "ours" else "ours") / trainer
-        if other.exists() and len(list(other.glob("*.nii.gz"))) == n:
-            from .prediction_agreement import compare_folders
-
-            stock, ours = (other, out) if command == "ours" else (out, other)
-            summary = compare_folders(stock, ours)
-            row["dice_agreement_min"] = summary["dice_agreement_min"]
-        result["rows"].append(row)
-        out_json.write_text(json.dumps(result, indent=1))
-        print(json.dumps(row), flush=True)
+    out_json = Path(os.environ.get("OUT", str(args.root))) / "predict_e2e.json"
+    measure(args.root, out_json, args.cases, args.shape, args.cube, args.runs, args.device,
+            "python -m nnunetv2_mobilevim.research.predict_e2e " + " ".join(argv or sys.argv[1:]))
 
 
 if __name__ == "__main__":

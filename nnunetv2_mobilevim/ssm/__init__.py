@@ -13,6 +13,7 @@ from .backend import (
     causal_conv1d,
     conv_backend,
     describe_backend,
+    eager_under_compile,
     load_kernels,
     requested_backend,
     reset_backend_state,
@@ -22,5 +23,5 @@ from .backend import (
 from .dual_direction_mamba import DualDirectionMamba
 
 __all__ = ["ENV_VAR", "ScanBackendError", "ScanFallbackWarning", "causal_conv1d", "conv_backend", "describe_backend",
-           "load_kernels", "requested_backend", "reset_backend_state", "resolve_backend", "selective_scan",
-           "DualDirectionMamba"]
+           "eager_under_compile", "load_kernels", "requested_backend", "reset_backend_state", "resolve_backend",
+           "selective_scan", "DualDirectionMamba"]

@@ -16,8 +16,9 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
+import torch
 from torch import Tensor
 
 from .mamba_ssm_kernels import INSTALL_HINT, load_causal_conv1d, load_kernels, load_scan_kernel, reset_kernel_cache
@@ -30,7 +31,26 @@ CONV_WIDTHS = (2, 3, 4)  # the widths causal-conv1d's kernel is built for
 __all__ = ["ENV_VAR", "BACKENDS", "ScanBackendError", "ScanFallbackWarning", "requested_backend",
            "resolve_backend", "conv_backend", "describe_backend", "reset_backend_state", "selective_scan",
            "causal_conv1d", "selective_scan_torch", "selective_scan_loop", "causal_conv1d_torch",
-           "load_kernels", "INSTALL_HINT"]
+           "load_kernels", "INSTALL_HINT", "eager_under_compile"]
+
+
+def eager_under_compile(fn: Callable) -> Callable:
+    """``fn`` kept out of torch.compile's graphs (``torch.compiler.disable(fn)``, a graph break around it: the
+    mamba-ssm kernels are opaque to the compiler, and the compiler can fuse the code around them), with the
+    decorator applied at the first call under torch.compile instead of at import. Deliberately not the plain
+    decorator: it imports torch._dynamo at class definition, 1.7 s on the 2-core development machine, a
+    quarter of a CPU prediction that compiles nothing. Outside torch.compile, ``fn`` itself runs."""
+    disabled = []
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            if not disabled:
+                disabled.append(torch.compiler.disable(fn))
+            return disabled[0](*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return call
 
 
 class ScanBackendError(RuntimeError):

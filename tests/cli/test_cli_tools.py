@@ -142,3 +142,23 @@ def test_predict_runs_a_single_case_without_worker_processes(tmp_path, monkeypat
     assert _processes(args, ".nii.gz") == (3, 3)
     monkeypatch.setenv("nnUNet_npp", "5")
     assert _processes(args, ".nii.gz") == (5, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.exhaustive
+def test_predict_e2e_times_all_four_commands_and_their_first_call(tmp_path):
+    """``research.predict_e2e.measure`` (what ``benchmark --predict-e2e`` runs) on one tiny CT-like volume on
+    the CPU: a row per run (stock and ours, each model) with the whole command's time and the first call's
+    (an empty folder) apart, and ours compared with stock for each model."""
+    from nnunetv2_mobilevim.research import predict_e2e
+
+    out = tmp_path / "predict_e2e.json"
+    result = predict_e2e.measure(tmp_path / "root", out, cases=1, shape=(24, 96, 96), cube=0, device="cpu",
+                                 command="test")
+    rows = result["rows"]
+    assert [f"{r['command']}:{r['model']}" for r in rows] == list(predict_e2e.RUNS)
+    assert json.loads(out.read_text())["rows"] == rows
+    for row in rows:
+        assert row["cases"] == 1 and 0 < row["first_call_s"] < row["wall_s"]
+        assert row["per_case_s"] == pytest.approx(row["wall_s"] - row["first_call_s"], abs=0.02)
+    assert all(r["dice_agreement_min"] >= 0.99 for r in rows if r["command"] == "ours")

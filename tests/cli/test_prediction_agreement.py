@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunetv2_mobilevim.research.prediction_agreement import check, compare_folders, dice_per_label, main
+from nnunetv2_mobilevim.research.prediction_agreement import (
+    PROBABILITY_ROUNDING,
+    check,
+    compare_folders,
+    dice_per_label,
+    implied_logit_difference,
+    main,
+)
 
 # (z, y, x) = (1, 2, 5); the voxel sets per label are written out in the tests
 REFERENCE = np.array([[[0, 1, 1, 2, 2], [0, 0, 1, 2, 2]]], dtype=np.uint8)
@@ -27,6 +34,39 @@ def test_dice_per_label_counted_by_hand():
     assert dice_per_label(REFERENCE, CANDIDATE) == pytest.approx({0: 1.0, 1: 0.8, 2: 8 / 9})
     with pytest.raises(ValueError, match="shapes differ"):
         dice_per_label(REFERENCE, REFERENCE[:, :1])
+
+
+def test_implied_logit_difference_by_hand():
+    p = np.array([0.5, 0.4, 1.0, 0.0, 0.0, 0.9, 0.3], dtype=np.float32)
+    q = np.array([0.51, 0.6, 0.999, 1e-7, 1e-3, 0.9, 0.3 + 2e-7], dtype=np.float32)
+    u = implied_logit_difference(p, q)
+    d = np.abs(q.astype(np.float64) - p.astype(np.float64)) - PROBABILITY_ROUNDING
+    expected = [d[0] / (2 * 0.25),  # at 1/2
+                d[1] / (2 * 0.25),  # 0.4 -> 0.6 passes 1/2
+                d[2] / (2 * float(q[2]) * (1 - float(q[2]))),  # saturated reference: the candidate's p(1-p)
+                0.0,  # within the probabilities' own rounding
+                d[4] / (2 * float(q[4]) * (1 - float(q[4]))),
+                0.0, 0.0]
+    assert u == pytest.approx(expected, rel=1e-9)
+    assert u[2] == pytest.approx(0.5, rel=1e-3) and u[4] == pytest.approx(0.5, rel=2e-3)  # a saturated voxel moved
+    assert implied_logit_difference(np.float32([1.0]), np.float32([0.5]))[0] == pytest.approx(1.0, rel=1e-5)
+    assert np.isinf(implied_logit_difference(np.float64([1.0]), np.float64([1.5]))[0])  # no p(1-p) to explain it
+
+
+def test_implied_logit_difference_bounds_a_softmax_perturbation():
+    """Logits moved by at most u each: the implied difference of the softmax probabilities is at most u (to
+    first order), and reaches ~u where the perturbation is the worst case (+u on one class, -u on the rest)."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 4, size=(3, 10000))
+    softmax = lambda x: np.exp(x - x.max(0)) / np.exp(x - x.max(0)).sum(0)  # noqa: E731
+    for u in (2.0 ** -10, 2.0 ** -6):
+        p = softmax(z)
+        assert implied_logit_difference(p, softmax(z + rng.uniform(-u, u, z.shape))).max() <= u * (1 + 4 * u)
+        worst = -u * np.ones_like(z)
+        worst[0] = u
+        implied = implied_logit_difference(p, softmax(z + worst))[0]
+        moderate = (p[0] > 0.05) & (p[0] < 0.95)
+        assert implied[moderate].max() <= u * (1 + 4 * u) and implied[moderate].min() >= 0.9 * u
 
 
 def _write_case(folder, name, seg, spacing=(0.8, 0.8, 2.5), probabilities=None, properties=None):
@@ -70,6 +110,9 @@ def test_folder_summary(tmp_path):
     assert a["mean_abs_probability_difference"] == pytest.approx(0.375 / 30)
     assert a["probability_values_differing"] == pytest.approx(2 / 30)
     assert summary["files"]["b"]["max_abs_probability_difference"] == 0.0
+    # a: 0 -> 0.25 is (0.25 - rounding) / (2 * 0.25 * 0.75) = 0.667; 0 -> -0.125 has no p(1-p) to explain it
+    assert np.isinf(a["max_implied_logit_difference"]) and summary["files"]["b"]["max_implied_logit_difference"] == 0
+    assert summary["max_implied_logit_difference"] == np.inf
     # a's properties differ only as tuple against list (equal); b's crop box differs
     assert a["properties_equal"] and not summary["files"]["b"]["properties_equal"]
     assert not summary["properties_equal"]
@@ -102,3 +145,4 @@ def test_command_line_thresholds_and_json(tmp_path, capsys):
     assert main([str(ref), str(cand), "--min-dice", "0.81"]) == 1
     assert main([str(ref), str(cand), "--min-dice", "0.8", "--max-probability-difference", "0.2"]) == 1
     assert main([str(ref), str(cand)]) == 0  # no thresholds: a report only
+    assert main([str(ref), str(cand), "--max-logit-difference", "1e6"]) == 1  # case a's inf

@@ -4,7 +4,8 @@ iterations, continues from its checkpoint with --c, and predicts, on the shared 
 one); nnU-Net finds the shipped ones through `nnunetv2_mobilevim ext-path`.
 
 In CI (each ~1.5 min on 2 cores): one network of each family in 3D (U-Mamba Enc, BiSegMamba) and
-MobileViM in 2D. Every other trainer, every twin and more 2D networks are marked `exhaustive`:
+MobileViM in 2D. Every other trainer, every twin, the `_Paper` recipes and more 2D networks are
+marked `exhaustive`:
 `pytest -m exhaustive tests/nnunet/test_family_cli.py` (log: docs/benchmarks/cpu_family_cli.txt).
 """
 
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.slow
 MAMBA = ["nnUNetTrainerUMambaBot", "nnUNetTrainerUMambaEnc", "nnUNetTrainerTamingSegMamba", "nnUNetTrainerBiSegMamba",
          "nnUNetTrainerMultiSegMamba", "nnUNetTrainerSegMambaSkip"]
 TWINS = [name + "_NoMamba" for name in MAMBA]
+PAPER = [name + "_Paper" for name in MAMBA if "UMamba" not in name]  # Taming's own recipe (RAdam, linear)
 IN_CI_3D = ["nnUNetTrainerUMambaEnc", "nnUNetTrainerBiSegMamba"]  # one per network family; the rest: exhaustive
 PLANS = "nnUNetPlans_small"
 
@@ -33,7 +35,7 @@ def family_env(workspace, tmp_path_factory):
     1 epoch of 2 iterations, 1 validation iteration, the final validation without mirroring."""
     ext = tmp_path_factory.mktemp("family_ext")
     modules = {"nnunetv2_mobilevim.nnunet.umamba_trainers": [n for n in MAMBA + TWINS if "UMamba" in n],
-               "nnunetv2_mobilevim.nnunet.taming_trainers": [n for n in MAMBA + TWINS if "UMamba" not in n],
+               "nnunetv2_mobilevim.nnunet.taming_trainers": [n for n in MAMBA + TWINS + PAPER if "UMamba" not in n],
                "nnunetv2_mobilevim.nnunet.trainers": ["nnUNetTrainerMobileViM"]}
     lines = []
     for module, names in modules.items():
@@ -100,7 +102,7 @@ def test_trains_continues_and_predicts_in_2d(workspace, family_env, trainer, tmp
 
 
 @pytest.mark.exhaustive
-@pytest.mark.parametrize("trainer", [t for t in MAMBA + TWINS if t not in IN_CI_3D])
+@pytest.mark.parametrize("trainer", [t for t in MAMBA + TWINS + PAPER if t not in IN_CI_3D])
 def test_every_other_trainer_in_3d(workspace, family_env, trainer, tmp_path):
     _train_continue_predict(workspace, family_env, trainer, "3d_fullres", tmp_path)
 

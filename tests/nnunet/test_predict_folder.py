@@ -32,15 +32,21 @@ def images(tmp_path_factory):
     return folder
 
 
-def predictor(transpose=(0, 1, 2), mirroring=False, cls=Predictor) -> Predictor:
-    """``cls`` (ours, or nnU-Net's own ``nnUNetPredictor`` as the reference) with a small fixed network."""
-    pm, cm = plans(transpose=transpose)
+def predictor(transpose=(0, 1, 2), mirroring=False, cls=Predictor, configuration="3d_fullres", folds=1,
+              step=0.5, gaussian=True) -> Predictor:
+    """``cls`` (ours, or nnU-Net's own ``nnUNetPredictor`` as the reference) with a small fixed network
+    (``folds`` different weights of it)."""
+    pm, cm = plans(transpose=transpose, configuration=configuration)
+    conv = torch.nn.Conv3d if configuration == "3d_fullres" else torch.nn.Conv2d
     torch.manual_seed(0)
-    network = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.Tanh(),
-                                  torch.nn.Conv3d(4, len(LABELS), 1))
-    p = cls(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring, device=torch.device("cpu"),
+    weights = []
+    for _ in range(folds):
+        network = torch.nn.Sequential(conv(2, 4, 3, padding=1), torch.nn.Tanh(), conv(4, len(LABELS), 1))
+        weights.append(network.state_dict())
+    p = cls(tile_step_size=step, use_gaussian=gaussian, use_mirroring=mirroring, device=torch.device("cpu"),
             allow_tqdm=False)
-    p.manual_initialization(network, pm, cm, [network.state_dict()], DATASET_JSON, "nnUNetTrainer", (0, 1, 2))
+    axes = (0, 1, 2) if configuration == "3d_fullres" else (0, 1)
+    p.manual_initialization(network, pm, cm, weights, DATASET_JSON, "nnUNetTrainer", axes)
     return p
 
 
@@ -98,6 +104,26 @@ def test_predict_folder_continue_skips_finished_cases(images, tmp_path):
     predictor().predict_folder(str(images), str(out), overwrite=False, on_case=lambda name, s: seen.append(name))
     assert seen == ["case1"] and (out / "case1.nii.gz").is_file()
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.nii.gz") if p.name != "case1.nii.gz"} == before
+
+
+@pytest.mark.parametrize("configuration,shape,step,gaussian,folds", [
+    ("3d_fullres", (2, 21, 50, 37), 0.5, True, 1),  # several tiles on every axis
+    ("3d_fullres", (2, 9, 30, 13), 0.7, True, 2),  # smaller than the patch on two axes (padded), two folds
+    ("3d_fullres", (2, 21, 50, 37), 1.0, False, 1),  # no Gaussian
+    ("2d", (2, 5, 50, 37), 0.5, True, 3),  # a 2D patch sliding over every slice, three folds
+])
+def test_sliding_window_and_fold_ensemble_are_nnunets_bit_for_bit(configuration, shape, step, gaussian, folds):
+    """Without mirroring the same network sees the same tiles in the same order: the float16 logits (each
+    fold's and their mean) equal nnU-Net's exactly."""
+    ours, theirs = (predictor(cls=c, configuration=configuration, folds=folds, step=step, gaussian=gaussian)
+                    for c in (Predictor, nnUNetPredictor))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    a, b = ours.predict_sliding_window_return_logits(x), theirs.predict_sliding_window_return_logits(x)
+    assert a.dtype == b.dtype == torch.float16 and a.shape == b.shape == (len(LABELS), *shape[1:])
+    assert torch.equal(a, b)
+    assert torch.equal(ours._ensemble_logits(x), theirs.predict_logits_from_preprocessed_data(x))
+    if folds > 1:
+        assert not torch.equal(ours._ensemble_logits(x), a)  # the folds differ
 
 
 @pytest.mark.parametrize("axes", [(0, 1, 2), (1, 2), (0,)])

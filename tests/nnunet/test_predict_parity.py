@@ -1,6 +1,6 @@
 """``nnunetv2_mobilevim predict`` against ``nnUNetv2_predict`` (issue 15): with the same model, folds and
 flags both commands write the same files, with the same image geometry, pixel type and properties,
-labels with Dice >= 0.999 per class and probabilities within ``PROBABILITY_TOLERANCE``; and
+labels with Dice >= 0.999 per class and probabilities within a float16 step or two of each logit; and
 ``nnUNetv2_ensemble`` gives the same on our probability folders as on nnU-Net's. On the CPU, through
 the real command lines, for nnU-Net's own trainer and a MobileViM trainer, each trained briefly by
 ``nnUNetv2_train`` (a short subclass in an extra trainer folder, as a user would shorten one).
@@ -14,14 +14,17 @@ compared as well, under ``exhaustive`` (its patch makes MobileViM training minut
 
 The probability tolerances: nnU-Net accumulates the sliding window's logits in float16 and its export
 resamples them in float16 (``resample_data_or_seg`` keeps the input's dtype), so a logit computed with
-other, equally exact rounding (float32 products where nnU-Net uses float64, say) can round to the
-neighbouring float16 value. That moves a probability by at most a quarter of a float16 step where one
-logit moves and half a step where all do: at most 2^-8 wherever the logits are below 16 in magnitude
-(these briefly trained models' are). Such flips touch a few values in a hundred at most, so a case's
-mean difference stays well below 1e-5. Real defects move probabilities by orders of magnitude more,
-in many voxels: even a linear instead of a cubic spline in the resampling, or the coarse axis
-resampled with another coordinate convention (tests/planted/resampling_*.patch), fail here.
-``pytest -s`` prints the measured numbers.
+other, equally exact rounding (float32 products where nnU-Net uses float64, BatchNorm folded into the
+convolution) can round to the neighbouring float16 value, and more than once along the accumulation.
+How far that moves a probability depends on the logit's magnitude (one float16 step is 2^-10 of it) and
+on the probability (little near 0 or 1): a bound on the probabilities' difference is loose where they
+saturate and flaky where they do not (one such bound, 2^-8, held on this machine and failed on CI's,
+whose briefly trained model had larger logits). So the probabilities are compared as the logit change
+that explains them (``research.prediction_agreement.implied_logit_difference``), within two float16 steps
+of a logit below 64 and, on average over a case, 2^-8 (``nnunet_commands.LOGIT_TOLERANCE``). Real defects
+move saturated probabilities, by orders of magnitude more: even a linear instead of a cubic spline in
+the resampling, or the coarse axis resampled with another coordinate convention
+(tests/planted/resampling_*.patch), fail here. ``pytest -s`` prints the measured numbers.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from nnunet_commands import BIN, nnunet_env, run
+from nnunet_commands import BIN, assert_predictions_agree, nnunet_env, run
 
 from nnunetv2_mobilevim.nnunet.registration import ext_trainer_dir
 from nnunetv2_mobilevim.research.prediction_agreement import compare_folders
@@ -44,8 +47,6 @@ pytestmark = pytest.mark.slow
 CT_ID, CT = 521, "Dataset521_CTParity"
 NNUNET, MOBILEVIM = "nnUNetTrainer_parity", "nnUNetTrainerMobileViM_parity"
 DICE_MIN = 0.999
-PROBABILITY_TOLERANCE = 2.0 ** -8  # the largest difference of a probability; see the module docstring
-MEAN_PROBABILITY_TOLERANCE = 1e-5  # the mean over a case's probability values: nearly all are equal
 FLAGS = {  # the same for both commands; -npp 0 -nps 0 spares nnU-Net's command its worker processes' start
     "tta": ["--save_probabilities", "-npp", "0", "-nps", "0"],
     "notta": ["--save_probabilities", "--disable_tta", "-step_size", "0.75", "-npp", "0", "-nps", "0"],
@@ -117,22 +118,19 @@ def _predict_both(root: Path, env: dict, dataset_id: int, trainer: str, folds, f
 
 
 def _assert_agreement(summary: dict, images: Path, label: str, dice_min: float = DICE_MIN) -> None:
-    """The parity criteria on an agreement summary (and every output's geometry is its input image's)."""
+    """The parity criteria (``assert_predictions_agree``) on an agreement summary, every case predicted, its
+    .npz and .pkl written, and every output's geometry its input image's."""
     import SimpleITK as sitk
 
     report = {k: summary[k] for k in ("dice_agreement_min", "max_abs_probability_difference",
-                                      "mean_abs_probability_difference_max")}
+                                      "max_implied_logit_difference", "mean_implied_logit_difference_max")}
     report["labels_predicted"] = sorted({int(k) for f in summary["files"].values() for k in f["dice"]})
     print(f"\nparity {label}: {json.dumps(report)}")
-    assert summary["same_files"], (summary["missing_in_candidate"], summary["extra_in_candidate"])
     assert summary["compared"] == len(list(images.glob("*_0000.nii.gz")))  # every case predicted
     reference = Path(summary["reference"])
     for case in summary["files"]:
         assert {f"{case}.npz", f"{case}.pkl"} <= {p.name for p in reference.iterdir()}  # so in ours too
-    assert summary["geometry_equal"] and summary["dtype_equal"] and summary["properties_equal"], summary["files"]
-    assert summary["dice_agreement_min"] >= dice_min, {c: f["dice"] for c, f in summary["files"].items()}
-    assert summary["max_abs_probability_difference"] <= PROBABILITY_TOLERANCE, summary["files"]
-    assert summary["mean_abs_probability_difference_max"] <= MEAN_PROBABILITY_TOLERANCE, summary["files"]
+    assert_predictions_agree(summary, dice_min=dice_min)
     for case, result in summary["files"].items():
         source = sitk.ReadImage(str(images / f"{case}_0000.nii.gz"))
         expected = {"size": list(source.GetSize()), "spacing": list(source.GetSpacing()),

@@ -214,3 +214,45 @@ def test_silent_fallback_check_prints_both_import_errors(site):
         in lines["mamba-ssm"]
     assert f"causal-conv1d 1.7.0 is installed but causal_conv1d failed to import (ImportError: {CONV_ABI_ERROR})" \
         in lines["causal-conv1d"]
+
+
+def test_eager_under_compile_keeps_the_function_out_of_the_graph_and_dynamo_out_of_the_import():
+    """``eager_under_compile``: outside torch.compile the function itself runs and nothing imports
+    torch._dynamo; under torch.compile the function's operations are in none of the captured graphs (a
+    graph break around it), the result is the same, and a second call compiles nothing new."""
+    import subprocess
+
+    code = ("import sys, torch; from nnunetv2_mobilevim.ssm.backend import eager_under_compile\n"
+            "f = eager_under_compile(lambda x: torch.sin(x) * 2)\n"
+            "assert torch.equal(f(torch.ones(3)), torch.sin(torch.ones(3)) * 2)\n"
+            "print('torch._dynamo' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+
+    class Inner(torch.nn.Module):
+        @scan.eager_under_compile
+        def forward(self, x):
+            return torch.sin(x) * 2
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Inner()
+
+        def forward(self, x):
+            return torch.cos(self.inner(x + 1)) - 3
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append({n.target for n in gm.graph.nodes if n.op == "call_function"})
+        return gm.forward
+
+    torch._dynamo.reset()
+    outer, x = Outer(), torch.randn(5, generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(outer, backend=backend)
+    assert torch.equal(compiled(x), outer(x))
+    inside = set().union(*graphs)
+    assert torch.cos in inside and torch.sin not in inside, graphs
+    captured = len(graphs)
+    assert torch.equal(compiled(x), outer(x)) and len(graphs) == captured

@@ -4,9 +4,9 @@ from .config import MobileViMConfig, load_config
 from .conv_blocks import Bottleneck, ConvNormAct, ConvPair, MBConvDownsample, UpLink
 from .decoder import MobileViMDecoder
 from .mobile_mamba_block import DiminMamba, MobileMambaBlock
-from .network import MobileViM, count_parameters, deep_supervision_scales
+from .network import MobileViM, count_parameters, deep_supervision_scales, mobilevim_from_plan, strides_from_pooling
 from .scale_bridger import ScaleBridger
 
 __all__ = ["MobileViMConfig", "load_config", "Bottleneck", "ConvNormAct", "ConvPair", "MBConvDownsample", "UpLink",
            "MobileViMDecoder", "DiminMamba", "MobileMambaBlock", "MobileViM", "count_parameters",
-           "deep_supervision_scales", "ScaleBridger"]
+           "deep_supervision_scales", "mobilevim_from_plan", "strides_from_pooling", "ScaleBridger"]

@@ -10,6 +10,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
+from ...ssm.backend import eager_under_compile
 from ...ssm.dual_direction_mamba import DualDirectionMamba
 from .conv_blocks import ConvNormAct, pad_to_multiple
 
@@ -54,7 +55,7 @@ class DiminMamba(nn.Module):
 
     # The mamba-ssm kernels are opaque to torch.compile; keep the (tiny) profile path eager so the
     # compiler can fuse the convolutional rest of the network around it.
-    @torch.compiler.disable
+    @eager_under_compile
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, *S) -> (B, C, *S), S with ``dim`` axes."""
         if x.dim() != self.dim + 2:

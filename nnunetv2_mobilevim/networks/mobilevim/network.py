@@ -167,6 +167,25 @@ class MobileViM(nn.Module):
         return [logits] + crops
 
 
+def strides_from_pooling(pool_op_kernel_sizes: Sequence[Sequence[int]]) -> List[List[int]]:
+    """An nnU-Net plan's first four pooling strides after the stride-1 first stage, padded with 1s:
+    MobileViM's four per-axis downsamplings."""
+    pools = [list(map(int, p)) for p in pool_op_kernel_sizes]
+    strides = pools[1:NUM_DOWNSAMPLINGS + 1]
+    return strides + [[1] * len(pools[0])] * (NUM_DOWNSAMPLINGS - len(strides))
+
+
+def mobilevim_from_plan(pool_op_kernel_sizes: Sequence[Sequence[int]], patch_size: Sequence[int],
+                        num_input_channels: int, num_output_channels: int, deep_supervision: bool,
+                        variant: Union[str, Path, MobileViMConfig] = "s") -> MobileViM:
+    """MobileViM for an nnU-Net 2.8 configuration (``configuration_manager.pool_op_kernel_sizes`` and
+    ``.patch_size``); ValueError where the patch is too small for the plan's strides."""
+    network = MobileViM(input_channels=num_input_channels, num_classes=num_output_channels, variant=variant,
+                        strides=strides_from_pooling(pool_op_kernel_sizes), deep_supervision=deep_supervision)
+    network.check_input_size(patch_size)
+    return network
+
+
 def deep_supervision_scales(strides: Sequence[Union[int, Sequence[int]]], dim: Optional[int] = None
                             ) -> List[List[float]]:
     """Scales of the outputs with deep supervision for the four per-axis ``strides``: the full
