@@ -248,15 +248,15 @@ class Predictor:
             data, revert_padding = pad_nd_image(input_image, self.configuration_manager.patch_size, "constant",
                                                 {"value": 0}, True, None)
             slicers = self._sliding_window_slicers(data.shape[1:])
+            logits = None
             if self.perform_everything_on_device:
                 try:
                     logits = self._accumulate(data, slicers, self.device)
-                except RuntimeError:
+                except RuntimeError:  # retried below, once the failed attempt's device tensors are released
                     print("Prediction on device was unsuccessful, probably due to a lack of memory. "
                           "Moving results arrays to CPU")
-                    _empty_cache(self.device)
-                    logits = self._accumulate(data, slicers, torch.device("cpu"))
-            else:
+            if logits is None:
+                _empty_cache(self.device)
                 logits = self._accumulate(data, slicers, torch.device("cpu"))
             _empty_cache(self.device)
             return logits[(slice(None), *revert_padding[1:])]

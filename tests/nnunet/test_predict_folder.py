@@ -170,3 +170,23 @@ def test_predict_folder_on_cuda_equals_nnunets_prediction_on_cuda(images, tmp_pa
     reference = on_cuda(predictor((2, 0, 1), True, nnUNetPredictor))
     reference.predict_from_files_sequential(str(images), str(tmp_path / "nnunet"), save_probabilities=True)
     assert_same_outputs(tmp_path / "ours", tmp_path / "nnunet")
+
+
+def test_sliding_window_out_of_device_memory_accumulates_in_host_memory(capsys):
+    """As nnU-Net: when the sums do not fit on the device, the whole window is redone with them in host
+    memory (said), giving the same logits."""
+    ours, theirs = predictor(), predictor(cls=nnUNetPredictor)
+    ours.perform_everything_on_device = True  # as on a GPU
+    calls, original = [], ours._accumulate
+
+    def accumulate(data, slicers, results_device):
+        calls.append(results_device)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(data, slicers, results_device)
+
+    ours._accumulate = accumulate
+    x = torch.randn(2, 21, 50, 37, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(ours.predict_sliding_window_return_logits(x), theirs.predict_sliding_window_return_logits(x))
+    assert len(calls) == 2  # the device attempt, then the host one
+    assert capsys.readouterr().out.count("Moving results arrays to CPU") == 1
