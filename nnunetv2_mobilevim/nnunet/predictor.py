@@ -52,6 +52,7 @@ class Predictor:
         self.dataset_json = self.trainer_name = self.allowed_mirroring_axes = self.label_manager = None
         self._mirror_one_by_one = False
         self._told: set = set()
+        self._loaded_fold: Optional[int] = None  # which of list_of_parameters the network holds
 
     def initialize_from_trained_model_folder(self, model_training_output_dir: str,
                                              use_folds: Optional[Sequence[Union[int, str]]],
@@ -90,6 +91,7 @@ class Predictor:
         network.load_state_dict(parameters[0])  # as nnU-Net does before the first case (its issue 2520)
         self.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
                                    trainer_name, mirroring)
+        self._loaded_fold = 0
 
     def manual_initialization(self, network: nn.Module, plans_manager, configuration_manager,
                               parameters: Optional[List[dict]], dataset_json: dict, trainer_name: str,
@@ -98,6 +100,7 @@ class Predictor:
         self.plans_manager, self.configuration_manager = plans_manager, configuration_manager
         self.list_of_parameters, self.network, self.dataset_json = parameters, network, dataset_json
         self.trainer_name, self.allowed_mirroring_axes = trainer_name, inference_allowed_mirroring_axes
+        self._loaded_fold = None
         self.label_manager = plans_manager.get_label_manager(dataset_json)
         if os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t") and not hasattr(network, "_orig_mod"):
             print("Using torch.compile")
@@ -219,8 +222,10 @@ class Predictor:
         """``predict_logits_from_preprocessed_data`` keeping the sum on the device: the mean over folds of
         nnU-Net's sliding-window logits (float16, as nnU-Net accumulates them)."""
         total = None
-        for params in self.list_of_parameters:
-            getattr(self.network, "_orig_mod", self.network).load_state_dict(params)
+        for i, params in enumerate(self.list_of_parameters):
+            if self._loaded_fold != i:  # a single fold stays loaded from case to case (nnU-Net reloads it)
+                getattr(self.network, "_orig_mod", self.network).load_state_dict(params)
+                self._loaded_fold = i
             logits = self.predict_sliding_window_return_logits(data)
             if total is None:
                 total = logits

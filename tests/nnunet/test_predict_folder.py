@@ -190,3 +190,14 @@ def test_sliding_window_out_of_device_memory_accumulates_in_host_memory(capsys):
     assert torch.equal(ours.predict_sliding_window_return_logits(x), theirs.predict_sliding_window_return_logits(x))
     assert len(calls) == 2  # the device attempt, then the host one
     assert capsys.readouterr().out.count("Moving results arrays to CPU") == 1
+
+
+@pytest.mark.parametrize("folds", [1, 2])
+def test_weights_are_loaded_only_when_the_fold_changes(images, tmp_path, folds):
+    """One fold: loaded once for the whole folder (nnU-Net reloads it for every case; the folded copy of a
+    fast network would be rebuilt each time); several: each fold for each case, as they alternate."""
+    p = predictor(folds=folds)
+    loads, original = [], p.network.load_state_dict
+    p.network.load_state_dict = lambda sd, *a, **k: loads.append(1) or original(sd, *a, **k)
+    p.predict_folder(str(images), str(tmp_path / "ours"))
+    assert len(loads) == (1 if folds == 1 else 3 * folds)
