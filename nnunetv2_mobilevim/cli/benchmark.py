@@ -642,52 +642,56 @@ def _nnunet_optimizer(net: nn.Module):
     return opt, torch.amp.GradScaler(next(net.parameters()).device.type)
 
 
-def profile_train_step(net: nn.Module, xt, target, steps: int = 3) -> Dict:
-    """GPU kernel time and kernel launches of one eager training step: the floor a graphed step approaches."""
+def kernel_table(events: Sequence, steps: int, top: int = 12) -> Dict:
+    """Per step, from ``torch.profiler``'s ``key_averages()`` of the CUDA events of ``steps`` steps: GPU
+    kernel time (ms), kernel launches, and the ``top`` kernels by time with their share and calls."""
+    total_us = sum(e.self_device_time_total for e in events) / steps
+    ranked = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:top]
+    table = [{"kernel": e.key[:90], "ms": e.self_device_time_total / steps / 1000,
+              "share": e.self_device_time_total / steps / max(total_us, 1e-9), "calls": e.count / steps}
+             for e in ranked]
+    return {"gpu_ms": total_us / 1000, "kernels": sum(e.count for e in events) / steps, "top": table}
+
+
+def _profiled(run: Callable[[], object], steps: int, what: str) -> Dict:
+    """``run`` called ``steps`` times under torch.profiler (after a synchronize); the kernel table, the wall
+    time per call with the profiler on, and the table printed to stderr."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            run()
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / steps
+    result = kernel_table([e for e in prof.key_averages() if e.device_type.name == "CUDA"], steps)
+    result["wall_ms"] = wall * 1000
+    print(f"\n{what} profile: {result['gpu_ms']:.2f} ms GPU kernel time and {result['kernels']:.0f} kernels per "
+          f"call, {result['wall_ms']:.2f} ms wall (profiler on)", file=sys.stderr)
+    for t in result["top"]:
+        print(f"  {t['ms']:7.3f} ms {t['share']:6.1%} x{t['calls']:5.0f}  {t['kernel']}", file=sys.stderr)
+    return result
+
+
+def profile_train_step(net: nn.Module, xt, target, steps: int = 3) -> Dict:
+    """Where one eager training step spends its GPU time (kernel time, launches, top kernels): the floor
+    a graphed step approaches."""
     opt, scaler = _nnunet_optimizer(net)
     for _ in range(3):
         _train_step(net, net, opt, scaler, xt, target)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            _train_step(net, net, opt, scaler, xt, target)
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    gpu_ms = sum(e.self_device_time_total for e in events) / steps / 1000
-    kernels = sum(e.count for e in events) / steps
-    print(f"\ntraining-step profile: {gpu_ms:.2f} ms GPU kernel time, {kernels:.0f} kernels per step", file=sys.stderr)
-    return {"gpu_ms": gpu_ms, "kernels": kernels}
+    return _profiled(lambda: _train_step(net, net, opt, scaler, xt, target), steps, "training-step")
 
 
 def profile_forward(net: nn.Module, x: torch.Tensor, steps: int = 5) -> Dict:
-    """GPU kernel time per forward (fp16 autocast), kernel launches per forward, top kernels."""
+    """Where one fp16-autocast forward spends its GPU time (kernel time, launches, top kernels)."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
         for _ in range(3):
             net(x)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                net(x)
-            torch.cuda.synchronize()
-        wall = (time.perf_counter() - start) / steps
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    total_us = sum(e.self_device_time_total for e in events) / steps
-    launches = sum(e.count for e in events) / steps
-    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:12]
-    table = [{"kernel": e.key[:90], "ms_per_forward": e.self_device_time_total / steps / 1000,
-              "share": e.self_device_time_total / steps / max(total_us, 1e-9), "calls": e.count / steps} for e in top]
-    print(f"\nprofile: {total_us / 1000:.2f} ms GPU kernel time and {launches:.0f} kernels per forward, "
-          f"{wall * 1000:.2f} ms wall (profiler on)", file=sys.stderr)
-    for t in table:
-        print(f"  {t['ms_per_forward']:7.3f} ms {t['share']:6.1%} x{t['calls']:5.0f}  {t['kernel']}", file=sys.stderr)
-    return {"gpu_ms": total_us / 1000, "kernels": launches, "wall_ms": wall * 1000, "top": table}
+        return _profiled(lambda: net(x), steps, "forward")
 
 
 def goals(result: Dict) -> Dict[str, Optional[float]]:

@@ -5,11 +5,14 @@ validation, and the rest; and how fast nnU-Net's data loader alone delivers batc
 
 Each trainer runs nnU-Net's own ``run_training`` loop in a fresh Python process, as ``compare`` does
 (fold ``all``, EPOCHS x ITERATIONS, a fifth as many validation iterations, its default augmentation
-workers); only timestamps are added around its hooks. Options after the trainer's name: ``compile``
-trains with ``nnUNet_compile=t``; ``da=0|1`` sets ``NNUNETV2_MOBILEVIM_DEVICE_AUGMENTATION`` (nnU-Net's
-augmentation in the workers, or on the device); ``procs=N`` sets ``nnUNet_n_proc_DA`` (augmentation
-workers). The peak GPU memory of each run is recorded. Before training, the loader alone is timed
-(100 batches after 20 warm-up batches, GPU idle): no network can make an epoch shorter than ITERATIONS of those. Writes
+workers); only timestamps are added around its hooks, and over each epoch's training loop the host's
+busy CPU cores (all processes: the trainer and its augmentation workers) and the GPU's busy fraction
+(NVML's utilisation, sampled; needs ``nvidia-ml-py``, else not measured): ``research.host_load``.
+Options after the trainer's name: ``compile`` trains with ``nnUNet_compile=t``; ``da=0|1`` sets
+``NNUNETV2_MOBILEVIM_DEVICE_AUGMENTATION`` (nnU-Net's augmentation in the workers, or on the device);
+``procs=N`` sets ``nnUNet_n_proc_DA`` (augmentation workers). The peak GPU memory of each run is
+recorded. Before training, the loader alone is timed (100 batches after 20 warm-up batches, GPU idle):
+no network can make an epoch shorter than ITERATIONS of those. Writes
 ``$OUT/epoch_anatomy_DATASET.json``.
 """
 
@@ -27,6 +30,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..nnunet import run as nnunet_run
+from .host_load import LoadWindow, nvml_utilization_reader
 
 
 def timed(cls):
@@ -50,6 +54,9 @@ def timed(cls):
 
         def on_train_epoch_start(self):
             super().on_train_epoch_start()
+            if not hasattr(self, "load"):
+                self.load, self._window = {}, LoadWindow(nvml_utilization_reader(self.device))
+            self._window.start()
             self._mark("train_start")
 
         def train_step(self, batch):
@@ -60,6 +67,7 @@ def timed(cls):
 
         def on_train_epoch_end(self, outputs):
             self._mark("train_end")
+            self.load[self.current_epoch] = self._window.stop()
             super().on_train_epoch_end(outputs)
 
         def on_validation_epoch_start(self):
@@ -74,7 +82,8 @@ def timed(cls):
     return Timed
 
 
-def per_epoch(marks, epoch):
+def per_epoch(marks, epoch, load=None):
+    """One epoch's parts from the marks (and its load window's ``cpu_cores_busy``, ``gpu_busy_fraction``)."""
     m = [(w, t) for w, e, t in marks if e == epoch]
     starts = [t for w, t in m if w == "step_start"]
     ends = [t for w, t in m if w == "step_end"]
@@ -86,7 +95,13 @@ def per_epoch(marks, epoch):
     return {"data_wait_s": sum(waits), "train_step_s": sum(e - s for s, e in zip(starts, ends)),
             "train_loop_s": train_end - train_start, "validation_s": val_end - val_start,
             "step_ms_median": 1000 * float(np.median([e - s for s, e in zip(starts, ends)])),
-            "wait_ms_median": 1000 * float(np.median(waits))}
+            "wait_ms_median": 1000 * float(np.median(waits)),
+            **(load or {"cpu_cores_busy": None, "gpu_busy_fraction": None})}
+
+
+def _median(values):
+    """The median, or None where a value was not measured."""
+    return None if any(v is None for v in values) else float(np.median(values))
 
 
 def measure(entry, dataset, epochs, iterations):
@@ -111,8 +126,8 @@ def measure(entry, dataset, epochs, iterations):
     log = logger.my_fantastic_logging
     epoch_s = [e - s for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])]
     starts = log["epoch_start_timestamps"]
-    rows = [per_epoch(trainer.marks, e) for e in range(1, epochs)]  # epoch 0: compilation / capture
-    summary = {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
+    rows = [per_epoch(trainer.marks, e, trainer.load.get(e)) for e in range(1, epochs)]  # epoch 0: compile, capture
+    summary = {k: _median([r[k] for r in rows]) for k in rows[0]}
     summary.update(epoch_s_median=float(np.median(epoch_s[1:])),
                    epoch_to_epoch_s_median=float(np.median(np.diff(starts[1:]))) if epochs > 2 else None,
                    loader_alone_ms_per_batch=trainer.loader_alone_ms,

@@ -251,3 +251,20 @@ def test_family_benchmark_on_gpu_replays_graphs(tmp_path):
         assert rows[name]["fps_fp16_graph"] > 0 and rows[name]["train_step_ms_graph"] > 0, rows[name]["unavailable"]
         assert rows[name]["graph_max_abs_diff_fp32"] <= 5e-3 * rows[name]["logit_max_abs_fp32"]
     assert json.loads((tmp_path / "family.json").read_text())["rows"][-1]["network"] == "taming_segmamba"
+
+
+def test_kernel_table_is_per_step_and_ranked_by_time():
+    """Hand-made profiler events (key, self GPU time in us, calls) over 2 steps: times and calls are halved,
+    the kernels ranked by time, shares of the per-step total."""
+    class Event:
+        def __init__(self, key, us, count):
+            self.key, self.self_device_time_total, self.count = key, us, count
+
+    events = [Event("small", 400.0, 10), Event("big", 3000.0, 2), Event("mid", 600.0, 4)]
+    table = bench.kernel_table(events, steps=2, top=2)
+    assert table["gpu_ms"] == pytest.approx(2.0)  # (400 + 3000 + 600) us / 2 steps
+    assert table["kernels"] == pytest.approx(8.0)  # (10 + 2 + 4) / 2
+    assert [t["kernel"] for t in table["top"]] == ["big", "mid"]
+    assert table["top"][0]["ms"] == pytest.approx(1.5)
+    assert table["top"][0]["share"] == pytest.approx(0.75)
+    assert table["top"][1]["calls"] == pytest.approx(2.0)
