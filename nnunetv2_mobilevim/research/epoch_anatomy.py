@@ -44,6 +44,7 @@ def timed(cls):
 
         def on_train_start(self):
             super().on_train_start()
+            self.load, self._window = {}, LoadWindow(nvml_utilization_reader(self.device))
             loader = getattr(self.dataloader_train, "loader", self.dataloader_train)  # without the device prefetcher
             for _ in range(20):
                 next(loader)
@@ -54,8 +55,6 @@ def timed(cls):
 
         def on_train_epoch_start(self):
             super().on_train_epoch_start()
-            if not hasattr(self, "load"):
-                self.load, self._window = {}, LoadWindow(nvml_utilization_reader(self.device))
             self._window.start()
             self._mark("train_start")
 

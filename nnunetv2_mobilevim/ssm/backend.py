@@ -38,8 +38,8 @@ def eager_under_compile(fn: Callable) -> Callable:
     """``fn`` kept out of torch.compile's graphs (``torch.compiler.disable(fn)``, a graph break around it: the
     mamba-ssm kernels are opaque to the compiler, and the compiler can fuse the code around them), with the
     decorator applied at the first call under torch.compile instead of at import. Deliberately not the plain
-    decorator: it imports torch._dynamo at class definition, 1.7 s on the 2-core development machine, a
-    quarter of a CPU prediction that compiles nothing. Outside torch.compile, ``fn`` itself runs."""
+    decorator: it imports torch._dynamo at class definition, seconds of a CPU prediction that compiles
+    nothing (docs/nnunet.md, "Prediction"). Outside torch.compile, ``fn`` itself runs."""
     disabled = []
 
     @functools.wraps(fn)
