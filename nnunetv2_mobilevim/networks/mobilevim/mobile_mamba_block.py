@@ -74,12 +74,21 @@ class DiminMamba(nn.Module):
         profiles = [x.mean(dim=tuple(a for a in axes if a != axis), dtype=torch.float32) for axis in axes]
         lengths = [pr.shape[-1] for pr in profiles]
         tokens = [rearrange(pad_to_multiple(pr, [p]), "b c (n p) -> b n (c p)", p=p) for pr in profiles]
-        if len({t.shape[1] for t in tokens}) == 1:  # equal lengths: one pass with the profiles on the batch axis
-            outs = self.layers(torch.cat(tokens, dim=0)).chunk(len(tokens), dim=0)
-        else:
-            outs = [self.layers(t) for t in tokens]
+        outs = self._stack_by_length(tokens)
         factors = [rearrange(o, "b n (c p) -> b c (n p)", p=p)[..., :n] for o, n in zip(outs, lengths)]
         return rank_one(factors, x.dtype)
+
+    def _stack_by_length(self, tokens: List[Tensor]) -> List[Tensor]:
+        """The layer stack on every (B, L_k, C*P) token sequence, one pass per distinct length with those
+        sequences on the batch axis (3 passes -> 1 at a cube, 2 at D = W != H): a third or half the
+        launches of small kernels, which set the pace here; each sequence's result is unchanged."""
+        outs: List[Optional[Tensor]] = [None] * len(tokens)
+        for length in dict.fromkeys(t.shape[1] for t in tokens):
+            group = [i for i, t in enumerate(tokens) if t.shape[1] == length]
+            stacked = tokens[group[0]] if len(group) == 1 else torch.cat([tokens[i] for i in group], dim=0)
+            for i, out in zip(group, self.layers(stacked).chunk(len(group), dim=0)):
+                outs[i] = out
+        return outs
 
     def _forward_volume(self, x: Tensor) -> Tensor:
         p = self.token_size
