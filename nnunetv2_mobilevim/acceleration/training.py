@@ -4,7 +4,9 @@
   for any training loop: ``TrainingGraphs(network, network.forward)``;
 - ``GraphedTrainStep``: a whole training step (forward, loss, backward, unscale, clipping, optimiser
   update, GradScaler update) as one graph, for a loop whose step is known, as nnU-Net's is
-  (``nnUNetTrainerMobileViM``).
+  (``nnUNetTrainerMobileViM``);
+- ``RunAhead``: for a loop that reads no result back per step, a bound on how many steps the host
+  queues ahead of the GPU.
 
 MobileViM's training step is launch-bound: about 2,000 small kernels for forward and backward of a
 6 M-parameter network, so the host, not the GPU, sets the pace (more so while nnU-Net's augmentation
@@ -30,7 +32,8 @@ needs them and keeps the eager step) and inputs that require gradients (those ru
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Dict, Hashable, List, NamedTuple, Optional, Sequence, Tuple
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Hashable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -310,6 +313,42 @@ class GraphedTrainStep:
                 if "capturable" in group:
                     group["capturable"] = True
         return saved
+
+
+class RunAhead:
+    """At most ``steps`` training steps queued on the GPU ahead of the host, for a loop that reads nothing
+    back per step.
+
+        ahead = RunAhead(steps=2)
+        loss = graphed_step(x, y); ahead.step_queued()   # waits only for the step queued `steps` calls ago
+
+    Reading each step's loss on the host (nnU-Net's ``loss.cpu()``) waits for the step to finish, so the
+    GPU idles while the host fetches and launches the next one. Without that read nothing stops the host
+    from queueing step after step, each holding its batch in device memory; this waits, on a CUDA event
+    recorded on the current stream, for the step ``steps`` calls back. Off CUDA it does nothing (there
+    every step has finished when it returns).
+    """
+
+    def __init__(self, steps: int = 2) -> None:
+        if steps < 1:
+            raise ValueError(f"RunAhead needs steps >= 1 (got {steps}): with 0 the host would wait for every "
+                             "step, which reading its loss does already")
+        self.steps = steps
+        self._queued: Deque[torch.cuda.Event] = deque()
+
+    def step_queued(self, device: torch.device) -> None:
+        """Call after queueing a step on ``device``; returns once at most ``steps`` steps are unfinished."""
+        if device.type != "cuda":
+            return
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        self._queued.append(event)
+        while len(self._queued) > self.steps:
+            self._queued.popleft().synchronize()
+
+    def __len__(self) -> int:
+        """Steps recorded and not yet waited for (some may have finished)."""
+        return len(self._queued)
 
 
 class _GraphedStep(NamedTuple):

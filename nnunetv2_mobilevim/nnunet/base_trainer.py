@@ -11,7 +11,10 @@ What it changes relative to ``nnUNetTrainer`` (the network and the recipe are th
   update) is replayed from one CUDA graph, see ``acceleration.training.GraphedTrainStep``; the optimiser
   runs its fused kernel (same update, fewer launches, no host sync; ``optim.SGD`` keeps it exact after
   GradScaler's skipped steps); with an ignore label the loss is ``losses.IgnoreLabelDC_and_CE_loss``
-  (nnU-Net's value, no host sync); ``NNUNETV2_MOBILEVIM_CUDA_GRAPHS=0`` turns every graph off;
+  (nnU-Net's value, no host sync); the step's loss stays on the GPU until the epoch ends (one read-back
+  per epoch instead of a host sync per step; the host queues at most ``steps_ahead`` steps ahead, see
+  ``acceleration.training.RunAhead``; the logged train loss is the same); ``NNUNETV2_MOBILEVIM_CUDA_GRAPHS=0``
+  turns every graph off;
 - checkpoints are portable between every mode (graphed, eager, DDP, compiled, CPU; fused or not):
   contiguous on disk, re-laid-out for the reader on load (``optim.portable_checkpoints``);
 - a checkpoint that is missing, unreadable, or does not fit gives an error that says which and what to do;
@@ -31,7 +34,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from ..acceleration.inference import FastInference
-from ..acceleration.training import GraphedTrainStep
+from ..acceleration.training import GraphedTrainStep, RunAhead
 from ..ssm import describe_backend, resolve_backend
 from .device_augmentation import DeviceAugmentation
 from .optim import CHECKPOINT_KEYS, SGD, checkpoint_mismatch, contiguous_state_dict, portable_checkpoints
@@ -55,11 +58,14 @@ class nnUNetTrainerMambaBase(DeviceAugmentation, nnUNetTrainer):
     recipe = ""
     #: train in channels_last(_3d) on a GPU (where it measured faster), else contiguous
     channels_last = False
+    #: replayed steps the host may queue ahead of the GPU (their losses are read back when the epoch ends)
+    steps_ahead = 2
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.graphed_train_step: GraphedTrainStep | None = None  # set by initialize() on a single GPU
+        self.run_ahead = RunAhead(self.steps_ahead)
 
     @classmethod
     def network_from_plan(cls, configuration_manager: ConfigurationManager, num_input_channels: int,
@@ -152,7 +158,11 @@ class nnUNetTrainerMambaBase(DeviceAugmentation, nnUNetTrainer):
         target = batch["target"]
         loss = self.graphed_train_step(batch["data"], *(target if isinstance(target, list) else [target]))
         self.prefetch_next_batch()  # overlaps the replayed step
-        return {"loss": loss.cpu().numpy()}
+        self.run_ahead.step_queued(self.device)
+        return {"loss": loss}  # on the device: on_train_epoch_end reads the epoch's losses back at once
+
+    def on_train_epoch_end(self, train_outputs: list) -> None:
+        super().on_train_epoch_end(losses_on_host(train_outputs))
 
     def _train_step_on_device(self, data: torch.Tensor, *target: torch.Tensor) -> torch.Tensor:
         """nnU-Net 2.8's ``train_step`` from the forward to the optimiser step, in its order and with its
@@ -248,3 +258,17 @@ class nnUNetTrainerMambaBase(DeviceAugmentation, nnUNetTrainer):
         if self.graphed_train_step is not None and len(self.graphed_train_step):
             # the optimiser's state tensors were replaced: a captured step would still update the old ones
             self.graphed_train_step = self._new_graphed_step()
+
+
+def losses_on_host(train_outputs: list) -> list:
+    """``train_step`` outputs with every device-tensor ``"loss"`` read back in one transfer, as the 0-d
+    float32 arrays nnU-Net's own ``train_step`` returns (``collate_outputs`` and the logged mean then do
+    not change); outputs whose loss is already on the host are returned as they are."""
+    on_device = [i for i, out in enumerate(train_outputs) if torch.is_tensor(out.get("loss"))]
+    if not on_device:
+        return train_outputs
+    values = torch.stack([train_outputs[i]["loss"].reshape(()) for i in on_device]).cpu().numpy()
+    outputs = list(train_outputs)
+    for j, i in enumerate(on_device):
+        outputs[i] = {**train_outputs[i], "loss": values[j:j + 1].reshape(())}  # a 0-d array, not a scalar
+    return outputs

@@ -11,7 +11,9 @@ busy CPU cores (all processes: the trainer and its augmentation workers) and the
 Options after the trainer's name: ``compile`` trains with ``nnUNet_compile=t``; ``da=0|1`` sets
 ``NNUNETV2_MOBILEVIM_DEVICE_AUGMENTATION`` (nnU-Net's augmentation in the workers, or on the device);
 ``procs=N`` sets ``nnUNet_n_proc_DA`` (augmentation workers). The peak GPU memory of each run is
-recorded. Before training, the loader alone is timed (100 batches after 20 warm-up batches, GPU idle):
+recorded. This package's trainers read no loss back per step (they queue up to ``steps_ahead`` steps on
+the GPU), so for them ``train_step`` times are the host's and the GPU's work shows in the training loop's
+total, which ends after a synchronisation. Before training, the loader alone is timed (100 batches after 20 warm-up batches, GPU idle):
 no network can make an epoch shorter than ITERATIONS of those. Writes
 ``$OUT/epoch_anatomy_DATASET.json``.
 """
@@ -65,6 +67,10 @@ def timed(cls):
             return out
 
         def on_train_epoch_end(self, outputs):
+            if self.device.type == "cuda":  # the trainers queue steps ahead: the loop ends when the GPU has done them
+                import torch
+
+                torch.cuda.synchronize(self.device)
             self._mark("train_end")
             self.load[self.current_epoch] = self._window.stop()
             super().on_train_epoch_end(outputs)

@@ -399,3 +399,23 @@ def test_silent_fallback_graphed_step_beyond_max_graphs(deterministic_cuda):
     assert len(step) == 1 and len(said) == 1 and "at most 1" in said[0], said
     captured = {id(g) for _, g in step._graphs[next(iter(step._graphs))].grads}
     assert all(id(p.grad) in captured for p in graphed.network.parameters() if p.grad is not None)
+
+
+def test_run_ahead_keeps_at_most_steps_unfinished():
+    """RunAhead lets the host queue ``steps`` slow steps (a sleeping kernel each) and no more: after every
+    call at most ``steps`` recorded steps are unfinished, and the oldest beyond that has finished."""
+    from nnunetv2_mobilevim.acceleration.training import RunAhead
+
+    ahead = RunAhead(2)
+    device = torch.device("cuda")
+    torch.cuda.synchronize()
+    events = []
+    for _ in range(5):
+        torch.cuda._sleep(50_000_000)  # tens of milliseconds of GPU time per "step"
+        ahead.step_queued(device)
+        events.append(ahead._queued[-1])
+        assert sum(not e.query() for e in events) <= 2
+        assert len(ahead) <= 2
+    assert events[0].query() and events[2].query()
+    assert not events[-1].query()  # the host did not wait for the newest step
+    torch.cuda.synchronize()

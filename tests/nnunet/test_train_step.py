@@ -67,3 +67,52 @@ def test_train_step_on_device_equals_nnunets_train_step(scaler):
         assert update.abs().max() > 0
     if scaler:
         assert ours.grad_scaler.get_scale() == ref.grad_scaler.get_scale()
+
+
+class _Log:
+    """nnU-Net's logger as far as on_train_epoch_end uses it."""
+
+    def __init__(self):
+        self.entries = []
+
+    def log(self, key, value, epoch):
+        self.entries.append((key, value, epoch))
+
+
+def test_losses_kept_on_the_device_are_logged_as_nnunet_logs_host_losses():
+    """The graphed step returns its loss as a device tensor (no host sync per step); the epoch's end reads
+    them back at once. What nnU-Net collates and logs must not change: the same 0-d float32 arrays its own
+    train_step returns, in the same order, and the same mean (hand-computed here)."""
+    import numpy as np
+    from nnunetv2.utilities.collate_outputs import collate_outputs
+
+    from nnunetv2_mobilevim.nnunet.base_trainer import losses_on_host
+    from nnunetv2_mobilevim.nnunet.trainers import nnUNetTrainerMobileViM
+
+    values = [0.75, -0.5, 1.25, 2.0]  # exact in float32; mean 0.875
+    as_nnunet = [{"loss": np.array(v, dtype=np.float32)} for v in values]  # `l.detach().cpu().numpy()`
+    on_device = [{"loss": torch.tensor(v)} for v in values]
+    mixed = [on_device[0], as_nnunet[1], on_device[2], as_nnunet[3]]  # e.g. an eager step in between
+    for outputs in (on_device, mixed):
+        host = losses_on_host(outputs)
+        assert all(isinstance(o["loss"], np.ndarray) and o["loss"].shape == () for o in host)
+        ours, theirs = collate_outputs(host)["loss"], collate_outputs(as_nnunet)["loss"]
+        assert ours.dtype == theirs.dtype == np.float32 and np.array_equal(ours, theirs)
+        assert all(torch.is_tensor(o["loss"]) for o in on_device)  # the caller's list is not modified
+    assert losses_on_host(as_nnunet) is as_nnunet
+
+    trainer = nnUNetTrainerMobileViM.__new__(nnUNetTrainerMobileViM)  # only what on_train_epoch_end reads
+    trainer.is_ddp, trainer.current_epoch, trainer.logger = False, 3, _Log()
+    trainer.on_train_epoch_end(on_device)
+    assert trainer.logger.entries == [("train_losses", 0.875, 3)]
+
+
+def test_run_ahead_needs_a_step_and_does_nothing_off_cuda():
+    from nnunetv2_mobilevim.acceleration.training import RunAhead
+
+    with pytest.raises(ValueError, match="steps >= 1"):
+        RunAhead(0)
+    ahead = RunAhead(1)
+    for _ in range(3):
+        ahead.step_queued(torch.device("cpu"))
+    assert len(ahead) == 0
