@@ -1,0 +1,76 @@
+"""research.family_accuracy: the trainer list for the family's accuracy runs, and the merge of compare's
+results (made in parts, one device call each) into the family-accuracy JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nnunetv2_mobilevim.research.family_accuracy import FAMILY, main, merge
+
+
+def _row(spec, dice, dice_mean, epoch, peak, compiled=False):
+    return {"trainer": spec.partition(":")[0], "spec": spec, "dice": dice, "dice_mean": dice_mean,
+            "epoch_seconds_median": epoch, "peak_gpu_gb": peak, "torch_compile": compiled, "params": 10,
+            "dice_best_mean": dice_mean / 2, "dice_best_no_tta_mean": dice_mean / 4, "any_nan_loss": False}
+
+
+def _part(dataset, rows, epochs=20, iterations=250):
+    return {"dataset": dataset, "epochs": epochs, "iterations_per_epoch": iterations, "rows": rows,
+            "command": f"python -m nnunetv2_mobilevim.research.compare --dataset {dataset} ..."}
+
+
+def test_every_family_spec_is_a_shipped_trainer_and_every_mamba_network_has_its_twin():
+    pytest.importorskip("nnunetv2")
+    from nnunetv2_mobilevim.cli.listing import find_trainer
+
+    names = [spec.partition(":")[0] for spec in FAMILY]
+    for name in set(names) - {"nnUNetTrainer"}:  # nnU-Net's own is nnU-Net's, not shipped here
+        find_trainer(name)
+    twins = [n for n in names if n.endswith("_NoMamba")]
+    assert len(twins) == 6 and all(t[: -len("_NoMamba")] in names for t in twins)
+    assert len(FAMILY) == len(set(FAMILY))
+
+
+def test_merge_maps_compare_rows_and_numbers_repeated_runs():
+    part1 = _part("shapes", [_row("nnUNetTrainer", {"a": 0.5, "b": 0.25}, 0.375, 9.5, 2.0, compiled=True),
+                             _row("nnUNetTrainerMobileViM", {"a": 0.75, "b": 0.5}, 0.625, 5.0, 1.0)])
+    part2 = _part("shapes", [_row("nnUNetTrainerMobileViM:da=0", {"a": 0.7, "b": 0.4}, 0.55, 8.0, 0.9),
+                             _row("nnUNetTrainerMobileViM", {"a": 0.8, "b": 0.5}, 0.65, 5.1, 1.0)])
+    result = merge({"p1.json": part1, "p2.json": part2}, "NVIDIA H200")
+    assert result["device"] == "NVIDIA H200" and result["schedule"] == {"epochs": 20, "iterations": 250}
+    rows = result["rows"]
+    assert [(r["trainer"], r["run"]) for r in rows] == [
+        ("nnUNetTrainer", 1), ("nnUNetTrainerMobileViM", 1), ("nnUNetTrainerMobileViM:da=0", 1),
+        ("nnUNetTrainerMobileViM", 2)]
+    first = rows[1]
+    assert (first["dataset"], first["dice_per_class"], first["dice_mean"], first["epoch_s_median"],
+            first["peak_gb"], first["source"]) == ("shapes", {"a": 0.75, "b": 0.5}, 0.625, 5.0, 1.0, "p1.json")
+    assert ["nnUNetTrainerMobileViM_xs", "shapes"] in result["missing"]
+    assert len(result["missing"]) == len(FAMILY) - 3
+
+
+def test_merge_refuses_mixed_schedules_an_uncompiled_baseline_and_foreign_files():
+    good = _part("demo", [_row("nnUNetTrainerMobileViM", {"brain": 0.9}, 0.9, 4.0, 0.5)])
+    short = _part("demo", [_row("nnUNetTrainerMobileViM_xs", {"brain": 0.9}, 0.9, 4.0, 0.5)], epochs=10)
+    with pytest.raises(ValueError, match=r"different schedules.*a.json: 20 x 250.*b.json: 10 x 250"):
+        merge({"a.json": good, "b.json": short}, "x")
+    eager = _part("demo", [_row("nnUNetTrainer", {"brain": 0.9}, 0.9, 4.0, 0.5, compiled=False)])
+    with pytest.raises(ValueError, match="without torch.compile"):
+        merge({"a.json": eager}, "x")
+    with pytest.raises(ValueError, match="c.json is not a result of research.compare"):
+        merge({"c.json": {"rows": []}}, "x")
+
+
+def test_command_line_writes_the_file_and_fails_clearly(tmp_path, capsys):
+    part = tmp_path / "part.json"
+    part.write_text(json.dumps(_part("demo", [_row("nnUNetTrainerMobileViM_xs", {"brain": 0.5}, 0.5, 3.0, 0.4)])))
+    out = tmp_path / "docs" / "acc.json"
+    assert main(["merge", str(part), "--device", "NVIDIA H200", "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["rows"][0]["trainer"] == "nnUNetTrainerMobileViM_xs" and written["rows"][0]["dice_mean"] == 0.5
+    assert main(["merge", str(tmp_path / "absent.json"), "--device", "x", "--out", str(out)]) == 2
+    assert "absent.json" in capsys.readouterr().err
+    assert main(["trainers"]) == 0
+    assert capsys.readouterr().out.split() == list(FAMILY)
