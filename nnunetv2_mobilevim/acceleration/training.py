@@ -320,7 +320,7 @@ class RunAhead:
     back per step.
 
         ahead = RunAhead(steps=2)
-        loss = graphed_step(x, y); ahead.step_queued()   # waits only for the step queued `steps` calls ago
+        loss = graphed_step(x, y); ahead.step_queued(device)   # waits only for the step `steps` calls ago
 
     Reading each step's loss on the host (nnU-Net's ``loss.cpu()``) waits for the step to finish, so the
     GPU idles while the host fetches and launches the next one. Without that read nothing stops the host
