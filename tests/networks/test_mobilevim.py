@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from dimin_reference import reference_dimin
 
 from nnunetv2_mobilevim import MobileViM, MobileViMConfig, count_parameters, load_config
 
@@ -181,22 +182,6 @@ def test_dimin_product_stays_in_float16_range():
     assert y.float().abs().max() < 1e3  # each factor has RMS ~1 per token
 
 
-def _reference_dimin_3d(block, x):
-    """Written from the paper, independent of the code under test except the layer stack: the D, H and W
-    profiles (means over the other two axes), tokens of P positions, the stack run on each profile on its
-    own, their D x H x W outer product."""
-    from einops import rearrange
-
-    p = block.token_size
-    outs = []
-    for profile in (x.mean(dim=(3, 4)), x.mean(dim=(2, 4)), x.mean(dim=(2, 3))):
-        n = profile.shape[-1]
-        padded = F.pad(profile, (0, (-n) % p), mode="replicate")
-        out = block.layers(rearrange(padded, "b c (n p) -> b n (c p)", p=p))
-        outs.append(rearrange(out, "b n (c p) -> b c (n p)", p=p)[..., :n])
-    return torch.einsum("bcd,bch,bcw->bcdhw", *outs)
-
-
 # (size, passes of the layer stack): a cube, D = W != H (nnU-Net's 64x80x64 patch), all three different
 @pytest.mark.parametrize("size,passes", [((8, 8, 8), 1), ((10, 14, 10), 2), ((7, 12, 9), 3), ((12, 12, 7), 2)])
 def test_dimin_stacks_profiles_of_equal_length_and_gives_each_its_own_result(size, passes):
@@ -210,6 +195,6 @@ def test_dimin_stacks_profiles_of_equal_length_and_gives_each_its_own_result(siz
     with torch.no_grad():
         y = block(x)
         assert len(calls) == passes, calls
-        expected = _reference_dimin_3d(block, x)
+        expected = reference_dimin(block, x)
     assert y.shape == x.shape
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)

@@ -10,8 +10,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from einops import rearrange
+from dimin_reference import reference_dimin
 from torch import nn
 
 from nnunetv2_mobilevim import DiminMamba, MobileViM
@@ -80,26 +79,13 @@ def test_dimension_comes_from_strides_or_dim_and_mismatches_are_refused():
         net(torch.randn(1, 1, 16, 32, 32))
 
 
-def _reference_dimin_2d(block: DiminMamba, x: torch.Tensor) -> torch.Tensor:
-    """Written from the paper, independent of the code under test except the layer stack: profiles of
-    H and W (means over the other axis), tokens of P positions, the stack, their H x W outer product."""
-    p = block.token_size
-    outs = []
-    for profile in (x.mean(dim=3), x.mean(dim=2)):  # (B, C, H), (B, C, W)
-        n = profile.shape[-1]
-        padded = F.pad(profile, (0, (-n) % p), mode="replicate")
-        out = block.layers(rearrange(padded, "b c (n p) -> b n (c p)", p=p))
-        outs.append(rearrange(out, "b n (c p) -> b c (n p)", p=p)[..., :n])
-    return torch.einsum("bch,bcw->bchw", *outs)
-
-
 @pytest.mark.parametrize("size", [(10, 14), (7, 12)])  # unequal / odd lengths: separate passes and padding
 def test_2d_dimin_is_the_outer_product_of_both_axis_profiles(size):
     torch.manual_seed(1)
     block = DiminMamba(6, num_layers=2, dim=2)
     x = torch.randn(2, 6, *size)
     with torch.no_grad():
-        y, expected = block(x), _reference_dimin_2d(block, x)
+        y, expected = block(x), reference_dimin(block, x)
         assert y.shape == x.shape
         torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
         # zero-mean stripes along one axis change that axis' profile only: the output must see both
