@@ -15,6 +15,10 @@ What it changes relative to ``nnUNetTrainer`` (the network and the recipe are th
   per epoch instead of a host sync per step; the host queues at most ``steps_ahead`` steps ahead, see
   ``acceleration.training.RunAhead``; the logged train loss is the same); ``NNUNETV2_MOBILEVIM_CUDA_GRAPHS=0``
   turns every graph off;
+- validation: nnU-Net's step with its loss and Dice counts left on the device until the epoch ends
+  (the same logged values, no host sync per step);
+- nnU-Net's progress.png is drawn in a worker process, not between epochs (``progress_plot``;
+  ``NNUNETV2_MOBILEVIM_BACKGROUND_PLOT=0`` draws it in the training process);
 - checkpoints are portable between every mode (graphed, eager, DDP, compiled, CPU; fused or not):
   contiguous on disk, re-laid-out for the reader on load (``optim.portable_checkpoints``);
 - a checkpoint that is missing, unreadable, or does not fit gives an error that says which and what to do;
@@ -28,6 +32,7 @@ import os
 from contextlib import nullcontext
 
 import torch
+from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
@@ -39,10 +44,11 @@ from ..ssm import describe_backend, resolve_backend
 from .device_augmentation import DeviceAugmentation
 from .optim import CHECKPOINT_KEYS, SGD, checkpoint_mismatch, contiguous_state_dict, portable_checkpoints
 from .prediction_networks import for_prediction
+from .progress_plot import BackgroundProgressPlot
 from .switches import cuda_graphs_enabled
 
 
-class nnUNetTrainerMambaBase(DeviceAugmentation, nnUNetTrainer):
+class nnUNetTrainerMambaBase(BackgroundProgressPlot, DeviceAugmentation, nnUNetTrainer):
     """The base of every trainer of this package: a network adapted to nnU-Net, no network and no recipe.
 
     A network's trainer defines ``network_from_plan`` (and, where its outputs are not nnU-Net's
@@ -162,7 +168,46 @@ class nnUNetTrainerMambaBase(DeviceAugmentation, nnUNetTrainer):
         return {"loss": loss}  # on the device: on_train_epoch_end reads the epoch's losses back at once
 
     def on_train_epoch_end(self, train_outputs: list) -> None:
-        super().on_train_epoch_end(losses_on_host(train_outputs))
+        super().on_train_epoch_end(outputs_on_host(train_outputs))
+
+    def validation_step(self, batch: dict) -> dict:
+        """nnU-Net 2.8's ``validation_step`` in its order and with its arguments, except that its four results
+        stay on the device: nnU-Net reads each back (``.cpu()``), so the host waits for every step and the
+        GPU idles while the next batch is fetched and launched. ``on_validation_epoch_end`` reads the
+        epoch's back at once, as the same arrays. Deliberately a copy, not a call: the read-backs are
+        inside nnU-Net's step."""
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
+                  else target.to(self.device, non_blocking=True))
+        with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else nullcontext():
+            output = self.network(data)
+            del data
+            loss = self.loss(output, target)
+        if self.enable_deep_supervision:  # the online Dice uses the full-resolution output only
+            output, target = output[0], target[0]
+        axes = [0] + list(range(2, output.ndim))
+        labels = self.label_manager
+        if labels.has_regions:
+            predicted = (torch.sigmoid(output) > 0.5).long()
+        else:
+            predicted = torch.zeros(output.shape, device=output.device, dtype=torch.float16)
+            predicted.scatter_(1, output.argmax(1)[:, None], 1)
+        mask = None
+        if labels.has_ignore_label:
+            if not labels.has_regions:
+                mask = (target != labels.ignore_label).float()
+                target[target == labels.ignore_label] = 0  # in place, as nnU-Net does
+            else:
+                mask = ~target[:, -1:] if target.dtype == torch.bool else 1 - target[:, -1:]
+                target = target[:, :-1]
+        tp, fp, fn, _ = get_tp_fp_fn_tn(predicted, target, axes=axes, mask=mask)
+        first = 0 if labels.has_regions else 1  # with softmax outputs the background's Dice is not reported
+        return {"loss": loss.detach(), "tp_hard": tp.detach()[first:], "fp_hard": fp.detach()[first:],
+                "fn_hard": fn.detach()[first:]}
+
+    def on_validation_epoch_end(self, val_outputs: list) -> None:
+        super().on_validation_epoch_end(outputs_on_host(val_outputs))
 
     def _train_step_on_device(self, data: torch.Tensor, *target: torch.Tensor) -> torch.Tensor:
         """nnU-Net 2.8's ``train_step`` from the forward to the optimiser step, in its order and with its
@@ -260,15 +305,18 @@ class nnUNetTrainerMambaBase(DeviceAugmentation, nnUNetTrainer):
             self.graphed_train_step = self._new_graphed_step()
 
 
-def losses_on_host(train_outputs: list) -> list:
-    """``train_step`` outputs with every device-tensor ``"loss"`` read back in one transfer, as the 0-d
-    float32 arrays nnU-Net's own ``train_step`` returns (``collate_outputs`` and the logged mean then do
-    not change); outputs whose loss is already on the host are returned as they are."""
-    on_device = [i for i, out in enumerate(train_outputs) if torch.is_tensor(out.get("loss"))]
-    if not on_device:
-        return train_outputs
-    values = torch.stack([train_outputs[i]["loss"].reshape(()) for i in on_device]).cpu().numpy()
-    outputs = list(train_outputs)
-    for j, i in enumerate(on_device):
-        outputs[i] = {**train_outputs[i], "loss": values[j:j + 1].reshape(())}  # a 0-d array, not a scalar
-    return outputs
+def outputs_on_host(outputs: list) -> list:
+    """``train_step`` / ``validation_step`` outputs with every device tensor among their values read back,
+    one transfer per key, as the arrays nnU-Net's own steps return (``t.detach().cpu().numpy()``: same
+    dtype and shape, 0-d for a loss), so that ``collate_outputs`` and the logged values do not change;
+    values already on the host are kept, and a list without device tensors is returned as it is."""
+    keys = list(dict.fromkeys(k for out in outputs for k, v in out.items() if torch.is_tensor(v)))
+    if not keys:
+        return outputs
+    host = [dict(out) for out in outputs]
+    for key in keys:
+        where = [i for i, out in enumerate(outputs) if torch.is_tensor(out.get(key))]
+        values = torch.stack([outputs[i][key].detach() for i in where]).cpu().numpy()
+        for j, i in enumerate(where):
+            host[i][key] = values[j:j + 1].reshape(values.shape[1:])  # an array, also when 0-d
+    return host

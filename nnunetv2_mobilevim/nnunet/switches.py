@@ -9,6 +9,7 @@ from typing import Optional
 CUDA_GRAPHS = "NNUNETV2_MOBILEVIM_CUDA_GRAPHS"
 DEVICE_AUGMENTATION = "NNUNETV2_MOBILEVIM_DEVICE_AUGMENTATION"
 DEVICE_PIPELINE = "NNUNETV2_MOBILEVIM_DEVICE_PIPELINE"
+BACKGROUND_PLOT = "NNUNETV2_MOBILEVIM_BACKGROUND_PLOT"
 _OFF, _ON = ("0", "false", "f", "no", "off"), ("1", "true", "t", "yes", "on")
 
 
@@ -17,6 +18,13 @@ def cuda_graphs_enabled() -> bool:
     """``NNUNETV2_MOBILEVIM_CUDA_GRAPHS``: 0/false/no turns every CUDA-graph replay off, in training (the
     step, validation, the device augmentation) and in prediction."""
     return os.environ.get(CUDA_GRAPHS, "1").strip().lower() not in _OFF
+
+
+@functools.lru_cache(maxsize=1)
+def background_plot_enabled() -> bool:
+    """``NNUNETV2_MOBILEVIM_BACKGROUND_PLOT``: 0/false/no draws nnU-Net's progress.png in the training
+    process, as nnU-Net does, instead of in a worker process."""
+    return os.environ.get(BACKGROUND_PLOT, "1").strip().lower() not in _OFF
 
 
 def _tri_state(name: str, off: str, on: str) -> Optional[bool]:

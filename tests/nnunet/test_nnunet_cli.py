@@ -91,8 +91,21 @@ def test_validation_only_with_npz(workspace, trained_fold0):
     assert len(npz) == 2  # fold 0 of 6 cases validates 2
 
 
-def test_train_fold_all(trained_fold_all):
-    assert (trained_fold_all / "checkpoint_final.pth").is_file()
+def test_train_fold_all(trained_fold_all, tmp_path):
+    """The run ends with nnU-Net's files; progress.png (drawn by a worker process) is nnU-Net's plot of
+    the values the final checkpoint logged, pixel for pixel."""
+    import matplotlib.image
+    import numpy as np
+    import torch
+    from nnunetv2.training.logging.nnunet_logger import LocalLogger
+
+    checkpoint = torch.load(trained_fold_all / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert "drawn in a worker process" in sorted(trained_fold_all.glob("training_log_*.txt"))[-1].read_text()
+    reference = LocalLogger()
+    reference.load_checkpoint(checkpoint["logging"])
+    reference.plot_progress_png(str(tmp_path))
+    drawn, expected = (matplotlib.image.imread(str(f / "progress.png")) for f in (trained_fold_all, tmp_path))
+    assert np.array_equal(drawn, expected)
 
 
 def test_predict_and_evaluate(workspace, predictions):

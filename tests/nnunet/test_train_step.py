@@ -1,6 +1,8 @@
-"""The trainers' training step is nnU-Net's: on the CPU (fp32, deterministic), the step function that the
-CUDA graph captures on a GPU (``_train_step_on_device``) against nnU-Net 2.8's own ``train_step``.
-The replay of that function is compared with its eager run on the GPU (tests/acceleration/test_gpu_graphs.py)."""
+"""The trainers' training and validation steps are nnU-Net's: on the CPU (fp32, deterministic), the step
+function that the CUDA graph captures on a GPU (``_train_step_on_device``) against nnU-Net 2.8's own
+``train_step``, and the validation step whose results stay on the device until the epoch ends against
+nnU-Net's ``validation_step`` and what its epoch end logs. The replay of the training step is compared
+with its eager run on the GPU (tests/acceleration/test_gpu_graphs.py)."""
 
 from __future__ import annotations
 
@@ -86,7 +88,7 @@ def test_losses_kept_on_the_device_are_logged_as_nnunet_logs_host_losses():
     import numpy as np
     from nnunetv2.utilities.collate_outputs import collate_outputs
 
-    from nnunetv2_mobilevim.nnunet.base_trainer import losses_on_host
+    from nnunetv2_mobilevim.nnunet.base_trainer import outputs_on_host
     from nnunetv2_mobilevim.nnunet.trainers import nnUNetTrainerMobileViM
 
     values = [0.75, -0.5, 1.25, 2.0]  # exact in float32; mean 0.875
@@ -94,12 +96,12 @@ def test_losses_kept_on_the_device_are_logged_as_nnunet_logs_host_losses():
     on_device = [{"loss": torch.tensor(v)} for v in values]
     mixed = [on_device[0], as_nnunet[1], on_device[2], as_nnunet[3]]  # e.g. an eager step in between
     for outputs in (on_device, mixed):
-        host = losses_on_host(outputs)
+        host = outputs_on_host(outputs)
         assert all(isinstance(o["loss"], np.ndarray) and o["loss"].shape == () for o in host)
         ours, theirs = collate_outputs(host)["loss"], collate_outputs(as_nnunet)["loss"]
         assert ours.dtype == theirs.dtype == np.float32 and np.array_equal(ours, theirs)
         assert all(torch.is_tensor(o["loss"]) for o in on_device)  # the caller's list is not modified
-    assert losses_on_host(as_nnunet) is as_nnunet
+    assert outputs_on_host(as_nnunet) is as_nnunet
 
     trainer = nnUNetTrainerMobileViM.__new__(nnUNetTrainerMobileViM)  # only what on_train_epoch_end reads
     trainer.is_ddp, trainer.current_epoch, trainer.logger = False, 3, _Log()
@@ -116,3 +118,88 @@ def test_run_ahead_needs_a_step_and_does_nothing_off_cuda():
     for _ in range(3):
         ahead.step_queued(torch.device("cpu"))
     assert len(ahead) == 0
+
+
+class _TinyDeepSupervision(torch.nn.Module):
+    """A 3D conv with two deep-supervision outputs (full resolution, then half)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, channels, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return [y, torch.nn.functional.avg_pool3d(y, 2)]
+
+
+def validation_state(labels: dict, regions_class_order, ignore: bool, epoch: int) -> SimpleNamespace:
+    """What nnU-Net's validation_step and on_validation_epoch_end read from a trainer."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    label_manager = LabelManager(labels, regions_class_order)
+    assert label_manager.has_ignore_label == ignore
+    torch.manual_seed(0)
+    network = _TinyDeepSupervision(label_manager.num_segmentation_heads).eval()
+    weights = (1.0, 0.5)
+
+    def loss(outputs, targets):  # any deterministic function of both: the steps must only call it alike
+        return sum(w * o.float().square().mean() * (1 + t.float().mean()) for w, o, t in zip(weights, outputs, targets))
+
+    return SimpleNamespace(
+        device=torch.device("cpu"), network=network, enable_deep_supervision=True, label_manager=label_manager,
+        loss=loss, is_ddp=False, current_epoch=epoch, logger=_Log())
+
+
+def validation_batches(state, count: int) -> list:
+    """``count`` batches as nnU-Net's validation loader gives them: (2, 1, 16^3) data, a target per
+    deep-supervision output (label maps, or region maps with the ignore mask last)."""
+    generator = torch.Generator().manual_seed(2)
+    lm, batches = state.label_manager, []
+    for _ in range(count):
+        values = sorted({v for v in lm.all_labels} | ({lm.ignore_label} if lm.has_ignore_label else set()))
+        labels = torch.tensor(values)[torch.randint(0, len(values), (2, 1, 16, 16, 16), generator=generator)]
+        if lm.has_regions:
+            maps = [torch.isin(labels, torch.tensor(r if isinstance(r, (list, tuple)) else [r]))
+                    for r in lm.foreground_regions]
+            if lm.has_ignore_label:
+                maps.append(labels == lm.ignore_label)
+            labels = torch.cat(maps, dim=1).to(torch.int16)  # nnU-Net's region conversion gives integer maps
+        target = [labels.float() if not lm.has_regions else labels, labels[..., ::2, ::2, ::2]]
+        batches.append({"data": torch.randn(2, 1, 16, 16, 16, generator=generator), "target": target})
+    return batches
+
+
+@pytest.mark.parametrize("labels,regions,ignore", [
+    ({"background": 0, "a": 1, "b": 2}, None, False),
+    ({"background": 0, "a": 1, "b": 2, "ignore": 3}, None, True),
+    ({"background": 0, "ab": [1, 2], "b": 2}, [1, 2], False),
+    ({"background": 0, "ab": [1, 2], "b": 2, "ignore": 3}, [1, 2], True),
+], ids=["labels", "labels-ignore", "regions", "regions-ignore"])
+def test_validation_on_device_gives_nnunets_outputs_and_logged_values(labels, regions, ignore):
+    """Four validation steps of nnU-Net and of ours on copies of the same batches: every step's loss and
+    Dice counts (read back as the epoch ends) are nnU-Net's arrays exactly (dtype, shape, values), and
+    the epoch end logs the same pseudo Dice per class, its mean and the validation loss. The four
+    label layouts cover the background's removal (softmax only), the ignore mask and region maps."""
+    import numpy as np
+
+    from nnunetv2_mobilevim.nnunet.base_trainer import outputs_on_host
+    from nnunetv2_mobilevim.nnunet.trainers import nnUNetTrainerMobileViM
+
+    ref = validation_state(labels, regions, ignore, 5)
+    ours = nnUNetTrainerMobileViM.__new__(nnUNetTrainerMobileViM)  # only what the two hooks read
+    ours.__dict__.update(vars(validation_state(labels, regions, ignore, 5)))
+    batches = validation_batches(ref, 4)
+    expected = [nnunet_trainer.nnUNetTrainer.validation_step(ref, copy.deepcopy(b)) for b in batches]
+    on_device = [ours.validation_step(copy.deepcopy(b)) for b in batches]
+    assert all(torch.is_tensor(v) for out in on_device for v in out.values())
+    for got, want in zip(outputs_on_host(on_device), expected):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert isinstance(got[key], np.ndarray) and got[key].dtype == want[key].dtype, key
+            assert got[key].shape == want[key].shape and np.array_equal(got[key], want[key]), key
+    assert sum(float(out["tp_hard"].sum()) for out in expected) > 0  # the counts are not all zero
+    nnunet_trainer.nnUNetTrainer.on_validation_epoch_end(ref, expected)
+    ours.on_validation_epoch_end(on_device)
+    assert len(ours.logger.entries) == 3
+    for (k1, v1, e1), (k2, v2, e2) in zip(ours.logger.entries, ref.logger.entries):
+        assert (k1, e1) == (k2, e2) and np.array_equal(np.asarray(v1), np.asarray(v2), equal_nan=True), k1
