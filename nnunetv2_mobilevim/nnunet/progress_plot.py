@@ -2,12 +2,13 @@
 
 nnU-Net draws its progress plot (three panels, 3000 x 5400 pixels, matplotlib and seaborn) at the end
 of every epoch on the training process, between one epoch and the next; with a network that trains
-an epoch in a few seconds that is a noticeable share of the wall time (docs/nnunet.md, "Progress plot").
-Here the logged values are copied and handed to one worker process, which draws the same figure with
-nnU-Net's own ``LocalLogger.plot_progress_png`` into the same file. When the worker is still busy with
-an earlier epoch's plot it skips to the newest values; at the end of training the last plot is waited
-for, so the file left behind is the one nnU-Net would have written. Deliberately not a thread: drawing
-holds the interpreter lock for most of a second, which the training loop needs to keep the GPU fed.
+an epoch in a few seconds that is a noticeable share of the wall time (docs/nnunet.md, "Epoch,
+validation and progress plot"). Here the logged values are copied and handed to one worker process,
+which draws the same figure with nnU-Net's own ``LocalLogger.plot_progress_png`` into the same file.
+When the worker is still busy with an earlier epoch's plot it skips to the newest values; at the end
+of training the last plot is waited for, so the file left behind is the one nnU-Net would have
+written. Deliberately not a thread: drawing holds the interpreter lock for most of a second, which
+the training loop needs to keep the GPU fed.
 
 ``NNUNETV2_MOBILEVIM_BACKGROUND_PLOT=0`` draws it in the training process, as nnU-Net does.
 """

@@ -13,7 +13,9 @@ Options after the trainer's name: ``compile`` trains with ``nnUNet_compile=t``; 
 ``procs=N`` sets ``nnUNet_n_proc_DA`` (augmentation workers). The peak GPU memory of each run is
 recorded. This package's trainers read no loss back per step (they queue up to ``steps_ahead`` steps on
 the GPU), so for them ``train_step`` times are the host's and the GPU's work shows in the training loop's
-total, which ends after a synchronisation. Before training, the loader alone is timed (100 batches after
+total, which ends after a synchronisation (their validation ends with its one read-back, so it is
+GPU-inclusive too). ``epoch_s_median`` is nnU-Net's logged epoch; ``epoch_to_epoch_s_median`` adds
+nnU-Net's end of epoch (checkpoints, progress.png). Before training, the loader alone is timed (100 batches after
 20 warm-up batches, GPU idle): no network can make an epoch shorter than ITERATIONS of those. Writes
 ``$OUT/epoch_anatomy_DATASET.json``.
 """
