@@ -23,6 +23,7 @@ from typing import Callable, Optional
 from .switches import BACKGROUND_PLOT, background_plot_enabled
 
 _STOP = None  # sent to the worker: draw what is queued, then exit
+_PARENT_CHECK_S = 5.0  # how often an idle worker checks that the training process still exists
 
 
 def _local_logger(logger):
@@ -41,9 +42,16 @@ def draw(values: dict, output_folder: str) -> None:
 
 
 def _serve(requests, failures) -> None:
-    """The worker: draws the newest request, skipping older ones still queued; exits after ``_STOP``."""
+    """The worker: draws the newest request, skipping older ones still queued; exits after ``_STOP``, or
+    when the training process is gone (killed: nobody would send ``_STOP``)."""
+    parent = multiprocessing.parent_process()
     while True:
-        items = [requests.get()]
+        try:
+            items = [requests.get(timeout=_PARENT_CHECK_S)]
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():
+                return
+            continue
         while True:
             try:
                 items.append(requests.get_nowait())

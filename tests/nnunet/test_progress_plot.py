@@ -150,3 +150,45 @@ def test_the_mixin_hands_nnunets_plot_call_to_the_worker_and_restores_the_logger
 
 def messages_to(messages: list):
     return lambda *args: messages.append(" ".join(str(a) for a in args))
+
+
+def test_the_worker_exits_when_the_training_process_is_killed(tmp_path):
+    """A training process killed without closing its plotter (SIGKILL, SIGTERM) must not leave the idle
+    worker behind: it notices its parent is gone and exits."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    context = multiprocessing.get_context("spawn")
+    pids = context.Queue()
+    trainer = context.Process(target=_train_and_get_killed, args=(str(tmp_path), pids))
+    trainer.start()
+    worker = pids.get(timeout=120)
+    os.kill(trainer.pid, signal.SIGKILL)
+    trainer.join()
+    deadline = time.monotonic() + 60
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _alive(worker), "the plot worker outlived the killed training process"
+
+
+def _train_and_get_killed(folder: str, pids) -> None:
+    """A stand-in training process: one plot submitted, then waits to be killed."""
+    import time
+
+    from nnunetv2_mobilevim.nnunet.progress_plot import ProgressPlotter
+
+    plotter = ProgressPlotter(log=print)
+    plotter.submit(logger_with(2), folder)
+    pids.put(plotter._process.pid)
+    time.sleep(600)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not reaped by its dead parent's adopter yet, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
