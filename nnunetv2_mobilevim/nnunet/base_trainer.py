@@ -17,7 +17,7 @@ What it changes relative to ``nnUNetTrainer`` (the network and the recipe are th
   turns every graph off;
 - validation: nnU-Net's step with its loss and Dice counts left on the device until the epoch ends
   (the same logged values, no host sync per step);
-- nnU-Net's progress.png is drawn in a worker process, not between epochs (``progress_plot``;
+- on CUDA nnU-Net's progress.png is drawn in a worker process, not between epochs (``progress_plot``;
   ``NNUNETV2_MOBILEVIM_BACKGROUND_PLOT=0`` draws it in the training process);
 - checkpoints are portable between every mode (graphed, eager, DDP, compiled, CPU; fused or not):
   contiguous on disk, re-laid-out for the reader on load (``optim.portable_checkpoints``);

@@ -10,7 +10,9 @@ of training the last plot is waited for, so the file left behind is the one nnU-
 written. Deliberately not a thread: drawing holds the interpreter lock for most of a second, which
 the training loop needs to keep the GPU fed.
 
-``NNUNETV2_MOBILEVIM_BACKGROUND_PLOT=0`` draws it in the training process, as nnU-Net does.
+Used when training on CUDA (on a CPU an epoch is long and the cores are the training's);
+``NNUNETV2_MOBILEVIM_BACKGROUND_PLOT=0`` draws it in the training process, as nnU-Net does, ``=1`` in
+a worker process on any device.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import multiprocessing
 import queue
 from typing import Callable, Optional
 
-from .switches import BACKGROUND_PLOT, background_plot_enabled
+from .switches import BACKGROUND_PLOT, background_plot_switch
 
 _STOP = None  # sent to the worker: draw what is queued, then exit
 _PARENT_CHECK_S = 5.0  # how often an idle worker checks that the training process still exists
@@ -143,16 +145,22 @@ class ProgressPlotter:
 
 class BackgroundProgressPlot:
     """Mixin for nnU-Net trainers (before ``nnUNetTrainer`` in the bases): ``progress.png`` is drawn by a
-    ``ProgressPlotter`` instead of in the training loop; the same file, same figure."""
+    ``ProgressPlotter`` instead of in the training loop (on CUDA, or everywhere with the switch at 1);
+    the same file, same figure."""
 
     progress_plotter: Optional[ProgressPlotter] = None
 
     def on_train_start(self):
         super().on_train_start()
-        if background_plot_enabled():
-            self.progress_plotter = ProgressPlotter(log=self.print_to_log_file)
-            self.logger = _PlotElsewhere(self.logger, self.progress_plotter)
-            self.print_to_log_file(f"progress.png: drawn in a worker process ({BACKGROUND_PLOT}=0 draws it here)")
+        switch = background_plot_switch()
+        if switch is False or (switch is None and self.device.type != "cuda"):
+            why = (f"{BACKGROUND_PLOT}=0" if switch is False else
+                   f"training on {self.device.type}; {BACKGROUND_PLOT}=1 draws it in a worker process")
+            self.print_to_log_file(f"progress.png: drawn in the training process, as nnU-Net does ({why})")
+            return
+        self.progress_plotter = ProgressPlotter(log=self.print_to_log_file)
+        self.logger = _PlotElsewhere(self.logger, self.progress_plotter)
+        self.print_to_log_file(f"progress.png: drawn in a worker process ({BACKGROUND_PLOT}=0 draws it here)")
 
     def on_train_end(self):
         try:

@@ -20,13 +20,6 @@ def cuda_graphs_enabled() -> bool:
     return os.environ.get(CUDA_GRAPHS, "1").strip().lower() not in _OFF
 
 
-@functools.lru_cache(maxsize=1)
-def background_plot_enabled() -> bool:
-    """``NNUNETV2_MOBILEVIM_BACKGROUND_PLOT``: 0/false/no draws nnU-Net's progress.png in the training
-    process, as nnU-Net does, instead of in a worker process."""
-    return os.environ.get(BACKGROUND_PLOT, "1").strip().lower() not in _OFF
-
-
 def _tri_state(name: str, off: str, on: str) -> Optional[bool]:
     value = os.environ.get(name, "").strip().lower()
     if value in ("", "auto"):
@@ -51,3 +44,11 @@ def device_pipeline_switch() -> Optional[bool]:
     preprocessing and export), True (the device pipeline, an error where it cannot run) or None (unset: the
     device pipeline wherever it reproduces the configuration)."""
     return _tri_state(DEVICE_PIPELINE, "nnU-Net's preprocessing and export", "preprocessing and export on the device")
+
+
+@functools.lru_cache(maxsize=1)
+def background_plot_switch() -> Optional[bool]:
+    """``NNUNETV2_MOBILEVIM_BACKGROUND_PLOT``: False (0/false/no: nnU-Net's progress.png drawn in the training
+    process), True (1/true/yes: in a worker process) or None (unset: in a worker process when training on
+    CUDA)."""
+    return _tri_state(BACKGROUND_PLOT, "draw progress.png in the training process", "draw it in a worker process")

@@ -111,12 +111,15 @@ def test_a_plot_that_fails_in_the_worker_is_drawn_here_at_close(tmp_path):
 
 def test_the_mixin_hands_nnunets_plot_call_to_the_worker_and_restores_the_logger(tmp_path, monkeypatch):
     """In a trainer, nnU-Net's ``self.logger.plot_progress_png(folder)`` goes to the plotter; every other
-    logger call is the logger's own; after training the trainer holds nnU-Net's logger again."""
+    logger call is the logger's own; after training the trainer holds nnU-Net's logger again. The switch
+    at 0, or unset on a CPU, keeps nnU-Net's logger and says why; at 1 the worker is used on a CPU too."""
+    import torch
+
     from nnunetv2_mobilevim.nnunet import progress_plot
 
     class Base:
         def __init__(self):
-            self.logger, self.calls = logger_with(2), []
+            self.logger, self.calls, self.device = logger_with(2), [], torch.device("cuda")
 
         def print_to_log_file(self, *args):
             self.calls.append(args)
@@ -133,7 +136,7 @@ def test_the_mixin_hands_nnunets_plot_call_to_the_worker_and_restores_the_logger
     submitted = []
     monkeypatch.setattr(progress_plot.ProgressPlotter, "submit", lambda self, lg, f: submitted.append((lg, f)))
     monkeypatch.setattr(progress_plot.ProgressPlotter, "close", lambda self: submitted.append("closed"))
-    monkeypatch.setattr(progress_plot, "background_plot_enabled", lambda: True)
+    monkeypatch.setattr(progress_plot, "background_plot_switch", lambda: None)  # unset: on CUDA
     trainer = Trainer()
     original = trainer.logger
     trainer.on_train_start()
@@ -145,9 +148,15 @@ def test_the_mixin_hands_nnunets_plot_call_to_the_worker_and_restores_the_logger
     assert submitted[-1] == "closed" and trainer.logger is original
     start, said, end = trainer.calls
     assert (start, end) == ("start", "end") and "drawn in a worker process" in said[0]
-    monkeypatch.setattr(progress_plot, "background_plot_enabled", lambda: False)
+    for switch, device, where in ((False, "cuda", "=0"), (None, "cpu", "training on cpu")):
+        monkeypatch.setattr(progress_plot, "background_plot_switch", lambda switch=switch: switch)
+        trainer.device, trainer.calls = torch.device(device), []
+        trainer.on_train_start()
+        assert trainer.logger is original and trainer.progress_plotter is None
+        assert "drawn in the training process" in trainer.calls[-1][0] and where in trainer.calls[-1][0]
+    monkeypatch.setattr(progress_plot, "background_plot_switch", lambda: True)  # =1: on any device
     trainer.on_train_start()
-    assert trainer.logger is original
+    assert isinstance(trainer.logger, progress_plot._PlotElsewhere)
 
 
 def messages_to(messages: list):
