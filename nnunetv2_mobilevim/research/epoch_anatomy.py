@@ -15,9 +15,9 @@ recorded. This package's trainers read no loss back per step (they queue up to `
 the GPU), so for them ``train_step`` times are the host's and the GPU's work shows in the training loop's
 total, which ends after a synchronisation (their validation ends with its one read-back, so it is
 GPU-inclusive too). ``epoch_s_median`` is nnU-Net's logged epoch; ``epoch_to_epoch_s_median`` adds
-nnU-Net's end of epoch (checkpoints, progress.png). Before training, the loader alone is timed (100 batches after
-20 warm-up batches, GPU idle): no network can make an epoch shorter than ITERATIONS of those. Writes
-``$OUT/epoch_anatomy_DATASET.json``.
+nnU-Net's end of epoch (checkpoints, progress.png). Before training, the loader alone is timed (100
+batches after 20 warm-up batches, GPU idle): no network can make an epoch shorter than ITERATIONS of
+those. Writes ``$OUT/epoch_anatomy_DATASET.json``.
 """
 
 from __future__ import annotations
