@@ -118,19 +118,31 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--trainers", nargs="+", default=TRAINERS)
     parser.add_argument("--baseline-compile", action="store_true",
                         help="train nnUNetTrainer with torch.compile (nnU-Net 2.8's GPU default)")
+    parser.add_argument("--final-only", action="store_true",
+                        help="predict with checkpoint_final.pth only (the main figure), not also checkpoint_best.pth")
+    parser.add_argument("--shared-gpu", action="store_true",
+                        help="another training shares this GPU: recorded, as its epoch times are not comparable")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="write, plan and preprocess the dataset under --workdir, then stop (before parts "
+                        "that run side by side)")
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    if args.out is None and not args.prepare_only:
+        parser.error("--out is required (unless --prepare-only)")
 
     root = (args.workdir or Path(tempfile.mkdtemp(prefix="mobilevim-compare-"))).resolve()
     os.environ.update(nnunet_run.folder_variables(root), nnUNet_compile="f")
     dataset, dataset_id, raw = prepare_dataset(args.dataset, root)
+    if args.prepare_only:
+        print(f"[compare] {dataset} prepared under {root}", flush=True)
+        return
     labels = json.loads((raw / "dataset.json").read_text())["labels"]
     plans_file = Path(os.environ["nnUNet_preprocessed"]) / dataset / "nnUNetPlans.json"
     plans = json.loads(plans_file.read_text())["configurations"]["3d_fullres"]
     result = {"dataset": args.dataset, "epochs": args.epochs, "iterations_per_epoch": args.iterations,
               "command": "python -m nnunetv2_mobilevim.research.compare " + " ".join(argv),
-              "patch": plans["patch_size"], "batch": plans["batch_size"], "rows": []}
+              "patch": plans["patch_size"], "batch": plans["batch_size"], "gpu_shared": args.shared_gpu, "rows": []}
     for spec in args.trainers:
         name, _, options = spec.partition(":")
         print(f"[compare] {args.dataset}: training {spec} ({args.epochs} x {args.iterations})", flush=True)
@@ -150,9 +162,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 os.environ[SWITCH] = saved
         row["spec"], row["device_augmentation_switch"] = spec, switch
         # the main figure: checkpoint_final with mirroring; then checkpoint_best with and without it
-        for key, checkpoint, extra in (("dice", "checkpoint_final.pth", []),
-                                       ("dice_best", "checkpoint_best.pth", []),
-                                       ("dice_best_no_tta", "checkpoint_best.pth", ["--disable_tta"])):
+        predictions = (("dice", "checkpoint_final.pth", []),
+                       ("dice_best", "checkpoint_best.pth", []),
+                       ("dice_best_no_tta", "checkpoint_best.pth", ["--disable_tta"]))
+        for key, checkpoint, extra in predictions[:1] if args.final_only else predictions:
             out = root / f"pred_{spec.replace(':', '_')}_{key}"
             nnunet_run.predict(["-i", raw / "imagesTs", "-o", out, "-d", dataset_id, "-c", "3d_fullres", "-tr", name,
                                 "-f", "all", "-chk", checkpoint, *extra])
@@ -161,8 +174,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         result["rows"].append(row)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))  # after every trainer: a stopped run keeps what it has
-        print(f"[compare] {spec}: Dice {row['dice']} mean {row['dice_mean']:.4f} (best checkpoint: "
-              f"{row['dice_best_mean']:.4f}, without mirroring {row['dice_best_no_tta_mean']:.4f}), "
+        best = "" if args.final_only else (f" (best checkpoint: {row['dice_best_mean']:.4f}, "
+                                           f"without mirroring {row['dice_best_no_tta_mean']:.4f})")
+        print(f"[compare] {spec}: Dice {row['dice']} mean {row['dice_mean']:.4f}{best}, "
               f"epoch {row['epoch_seconds_median']:.2f} s, peak {row['peak_gpu_gb']:.2f} GB", flush=True)
 
 

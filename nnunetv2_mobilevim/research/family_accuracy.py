@@ -11,8 +11,10 @@ A device call lasts at most 10 minutes, so one schedule for all trainers is trai
 one ``compare`` command with some of the specs; the same ``--workdir`` reuses the preprocessed dataset).
 ``merge`` refuses parts whose schedules (epochs, iterations) differ or whose nnU-Net baseline was not
 compiled, and writes ``{"device", "schedule", "rows": [{"trainer", "dataset", "dice_per_class",
-"dice_mean", "epoch_s_median", "peak_gb", ...}]}``; a trainer trained twice on a dataset (a second seed)
-gives two rows, numbered by ``run``.
+"dice_mean", "epoch_s_median", "peak_gb", "gpu_shared", ...}]}`` (``gpu_shared``: the part ran with
+``--shared-gpu``, beside another training, so its epoch times are not comparable); a trainer trained
+twice on a dataset (a second seed) gives two rows, numbered by ``run``. Parts may run side by side on one
+GPU after ``compare --prepare-only`` has written the dataset once.
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ def merge(parts: Dict[str, dict], device: str) -> dict:
                          "peak_gb": row["peak_gpu_gb"], "run": runs[key], "params": row.get("params"),
                          "dice_best_mean": row.get("dice_best_mean"),
                          "dice_best_no_tta_mean": row.get("dice_best_no_tta_mean"),
-                         "any_nan_loss": row.get("any_nan_loss"), "source": name, "command": part.get("command")})
+                         "any_nan_loss": row.get("any_nan_loss"), "gpu_shared": bool(part.get("gpu_shared")),
+                         "source": name, "command": part.get("command")})
     return {"device": device, "schedule": {"epochs": epochs, "iterations": iterations}, "rows": rows,
             "missing": [[spec, dataset] for dataset in sorted({p["dataset"] for p in parts.values()})
                         for spec in FAMILY if (spec, dataset) not in runs]}

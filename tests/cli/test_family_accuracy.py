@@ -4,6 +4,7 @@ results (made in parts, one device call each) into the family-accuracy JSON."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -38,6 +39,7 @@ def test_merge_maps_compare_rows_and_numbers_repeated_runs():
                              _row("nnUNetTrainerMobileViM", {"a": 0.75, "b": 0.5}, 0.625, 5.0, 1.0)])
     part2 = _part("shapes", [_row("nnUNetTrainerMobileViM:da=0", {"a": 0.7, "b": 0.4}, 0.55, 8.0, 0.9),
                              _row("nnUNetTrainerMobileViM", {"a": 0.8, "b": 0.5}, 0.65, 5.1, 1.0)])
+    part2["gpu_shared"] = True
     result = merge({"p1.json": part1, "p2.json": part2}, "NVIDIA H200")
     assert result["device"] == "NVIDIA H200" and result["schedule"] == {"epochs": 20, "iterations": 250}
     rows = result["rows"]
@@ -47,6 +49,7 @@ def test_merge_maps_compare_rows_and_numbers_repeated_runs():
     first = rows[1]
     assert (first["dataset"], first["dice_per_class"], first["dice_mean"], first["epoch_s_median"],
             first["peak_gb"], first["source"]) == ("shapes", {"a": 0.75, "b": 0.5}, 0.625, 5.0, 1.0, "p1.json")
+    assert [r["gpu_shared"] for r in rows] == [False, False, True, True]
     assert ["nnUNetTrainerMobileViM_xs", "shapes"] in result["missing"]
     assert len(result["missing"]) == len(FAMILY) - 3
 
@@ -74,3 +77,56 @@ def test_command_line_writes_the_file_and_fails_clearly(tmp_path, capsys):
     assert "absent.json" in capsys.readouterr().err
     assert main(["trainers"]) == 0
     assert capsys.readouterr().out.split() == list(FAMILY)
+
+
+def test_compare_prepares_only_and_predicts_the_final_checkpoint_only(tmp_path, monkeypatch):
+    """The flags of the parts: --prepare-only trains nothing; --final-only runs one prediction
+    (checkpoint_final with mirroring) instead of three; --shared-gpu is recorded. Training and nnU-Net's
+    prediction are replaced (no GPU here): the prediction copies the reference, so Dice is 1."""
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    from nnunetv2_mobilevim.nnunet import run as nnunet_run
+    from nnunetv2_mobilevim.research import compare
+
+    def prepare(name, root):
+        raw = root / "raw" / "Dataset1_X"
+        (raw / "labelsTs").mkdir(parents=True, exist_ok=True)
+        (raw / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1}}))
+        nib.save(nib.Nifti1Image(np.array([[[0, 1], [1, 0]]], np.uint8), np.eye(4)), raw / "labelsTs" / "c.nii.gz")
+        plans = root / "pre" / "Dataset1_X" / "nnUNetPlans.json"
+        plans.parent.mkdir(parents=True, exist_ok=True)
+        plans.write_text(json.dumps({"configurations": {"3d_fullres": {"patch_size": [2, 2, 2], "batch_size": 2}}}))
+        return "Dataset1_X", 1, raw
+
+    trained, predicted = [], []
+
+    def predict(args):
+        predicted.append([str(a) for a in args])
+        out = Path(args[args.index("-o") + 1])
+        shutil.copytree(Path(args[args.index("-i") + 1]).parent / "labelsTs", out)
+
+    monkeypatch.setattr(compare, "prepare_dataset", prepare)
+    monkeypatch.setattr(compare, "train_in_fresh_process",
+                        lambda name, *a, **k: trained.append(name) or {"trainer": name, "epoch_seconds_median": 1.0,
+                                                                        "peak_gpu_gb": 0.5})
+    monkeypatch.setattr(nnunet_run, "predict", predict)
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_compile"):
+        monkeypatch.setenv(key, "unset")  # main sets them for its run; monkeypatch restores them after
+    base = ["--dataset", "shapes", "--workdir", str(tmp_path), "--epochs", "2", "--iterations", "3"]
+    compare.main([*base, "--prepare-only"])
+    assert trained == [] and predicted == []
+    out = tmp_path / "part.json"
+    compare.main([*base, "--trainers", "nnUNetTrainerMobileViM", "--final-only", "--shared-gpu", "--out", str(out)])
+    part = json.loads(out.read_text())
+    assert trained == ["nnUNetTrainerMobileViM"] and part["gpu_shared"] is True
+    assert [p[p.index("-chk") + 1] for p in predicted] == ["checkpoint_final.pth"]
+    assert "--disable_tta" not in predicted[0]
+    assert part["rows"][0]["dice"] == {"a": 1.0} and "dice_best" not in part["rows"][0]
+    predicted.clear()
+    compare.main([*base, "--trainers", "nnUNetTrainerMobileViM_xs", "--out", str(out)])
+    assert [p[p.index("-chk") + 1] for p in predicted] == ["checkpoint_final.pth", "checkpoint_best.pth",
+                                                           "checkpoint_best.pth"]
+    assert json.loads(out.read_text())["gpu_shared"] is False
