@@ -39,8 +39,9 @@ FAMILY = (
 )
 
 
-def merge(parts: Dict[str, dict], device: str) -> dict:
-    """The rows of ``compare`` results ``parts`` (file name -> its JSON) in the family-accuracy format.
+def merge(parts: Dict[str, dict], device: str, provenance: Optional[Dict[str, str]] = None) -> dict:
+    """The rows of ``compare`` results ``parts`` (file name -> its JSON) in the family-accuracy format;
+    ``provenance`` (e.g. the commit and date of the runs) is copied to the top level.
 
     ValueError when the parts' schedules differ, or when nnU-Net's own trainer trained without
     torch.compile (the baseline the family is compared with is nnU-Net's GPU default)."""
@@ -73,7 +74,8 @@ def merge(parts: Dict[str, dict], device: str) -> dict:
                          "dice_best_no_tta_mean": row.get("dice_best_no_tta_mean"),
                          "any_nan_loss": row.get("any_nan_loss"), "gpu_shared": bool(part.get("gpu_shared")),
                          "source": name, "command": part.get("command")})
-    return {"device": device, "schedule": {"epochs": epochs, "iterations": iterations}, "rows": rows,
+    return {"device": device, **(provenance or {}), "schedule": {"epochs": epochs, "iterations": iterations},
+            "rows": rows,
             "missing": [[spec, dataset] for dataset in sorted({p["dataset"] for p in parts.values()})
                         for spec in FAMILY if (spec, dataset) not in runs]}
 
@@ -87,12 +89,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     m.add_argument("parts", nargs="+", type=Path, help="compare --out files")
     m.add_argument("--device", required=True, help='the GPU, e.g. "NVIDIA H200"')
     m.add_argument("--out", type=Path, required=True)
+    m.add_argument("--commit", help="the commit the parts ran at (recorded)")
+    m.add_argument("--date", help="when the parts ran, e.g. 2026-12-03 (recorded)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "trainers":
         print("\n".join(FAMILY))
         return 0
     try:
-        result = merge({str(p): json.loads(p.read_text()) for p in args.parts}, args.device)
+        provenance = {k: v for k, v in (("commit", args.commit), ("date", args.date)) if v}
+        result = merge({str(p): json.loads(p.read_text()) for p in args.parts}, args.device, provenance)
     except (OSError, ValueError, KeyError) as err:
         print(f"family_accuracy merge: {type(err).__name__}: {err}", file=sys.stderr)
         return 2

@@ -70,8 +70,10 @@ def test_command_line_writes_the_file_and_fails_clearly(tmp_path, capsys):
     part = tmp_path / "part.json"
     part.write_text(json.dumps(_part("demo", [_row("nnUNetTrainerMobileViM_xs", {"brain": 0.5}, 0.5, 3.0, 0.4)])))
     out = tmp_path / "docs" / "acc.json"
-    assert main(["merge", str(part), "--device", "NVIDIA H200", "--out", str(out)]) == 0
+    assert main(["merge", str(part), "--device", "NVIDIA H200", "--out", str(out), "--commit", "abc1234",
+                 "--date", "2026-12-03"]) == 0
     written = json.loads(out.read_text())
+    assert (written["device"], written["commit"], written["date"]) == ("NVIDIA H200", "abc1234", "2026-12-03")
     assert written["rows"][0]["trainer"] == "nnUNetTrainerMobileViM_xs" and written["rows"][0]["dice_mean"] == 0.5
     assert main(["merge", str(tmp_path / "absent.json"), "--device", "x", "--out", str(out)]) == 2
     assert "absent.json" in capsys.readouterr().err
