@@ -4,7 +4,7 @@ its default recipe and each no-Mamba twin, gathered from ``research.compare`` ru
     python -m nnunetv2_mobilevim.research.family_accuracy trainers         # compare's trainer specs, one per line
     python -m nnunetv2_mobilevim.research.compare --dataset shapes --epochs E --iterations I --baseline-compile \\
         --workdir W --trainers SPEC ... --out part1.json                    # as many parts as the device calls need
-    python -m nnunetv2_mobilevim.research.family_accuracy merge --device "NVIDIA H200" \\
+    python -m nnunetv2_mobilevim.research.family_accuracy merge --device "NVIDIA H200" --commit C --date D \\
         --out docs/results/h200_family_accuracy.json part1.json part2.json ...
 
 A device call lasts at most 10 minutes, so one schedule for all trainers is trained in parts (each part
