@@ -1,5 +1,6 @@
 #!/bin/bash
 # Family accuracy parts side by side on one GPU (research.compare), run from the repo root on the device.
+# .kit/scripts/COMMIT (written by the caller) names the commit. Each part trains in its own copy of the prepared workdir.
 # env: PARTS="name:TR1,TR2 name2:TR3,TR4:da=0"  W (workdir base)  LIM (seconds per part)  DATASET EPOCHS ITERS
 set -u
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
