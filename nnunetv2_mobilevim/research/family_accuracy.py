@@ -6,6 +6,7 @@ its default recipe and each no-Mamba twin, gathered from ``research.compare`` ru
         --workdir W --trainers SPEC ... --out part1.json                    # as many parts as the device calls need
     python -m nnunetv2_mobilevim.research.family_accuracy merge --device "NVIDIA H200" --commit C --date D \\
         --out docs/results/h200_family_accuracy.json part1.json part2.json ...
+    ... merge --commit C1 --commit parts/later/=C2 ...   # parts under parts/later/ ran at C2, the rest at C1
 
 A device call lasts at most 10 minutes, so one schedule for all trainers is trained in parts (each part
 one ``compare`` command with some of the specs; the same ``--workdir`` reuses the preprocessed dataset).
@@ -39,9 +40,32 @@ FAMILY = (
 )
 
 
-def merge(parts: Dict[str, dict], device: str, provenance: Optional[Dict[str, str]] = None) -> dict:
+def part_commits(values: Sequence[str], names: Sequence[str]) -> Dict[str, str]:
+    """The commit each part ran at, from ``--commit`` values: ``C`` (every part not otherwise named) or
+    ``PREFIX=C`` (the parts whose file name starts with PREFIX; the longest matching prefix wins).
+    ValueError when a prefix matches no part, or a part is left without a commit."""
+    default = [v for v in values if "=" not in v]
+    prefixed = [tuple(v.split("=", 1)) for v in values if "=" in v]
+    if len(default) > 1:
+        raise ValueError(f"--commit without a prefix was given {len(default)} times: {', '.join(default)}")
+    for prefix, _ in prefixed:
+        if not any(name.startswith(prefix) for name in names):
+            raise ValueError(f"--commit {prefix}=...: no part's file name starts with {prefix}")
+    commits = {}
+    for name in names:
+        matches = sorted((p for p in prefixed if name.startswith(p[0])), key=lambda p: len(p[0]))
+        commit = matches[-1][1] if matches else (default[0] if default else None)
+        if commit is None:
+            raise ValueError(f"no --commit names the commit of {name}")
+        commits[name] = commit
+    return commits
+
+
+def merge(parts: Dict[str, dict], device: str, provenance: Optional[Dict[str, str]] = None,
+          commits: Optional[Dict[str, str]] = None) -> dict:
     """The rows of ``compare`` results ``parts`` (file name -> its JSON) in the family-accuracy format;
-    ``provenance`` (e.g. the commit and date of the runs) is copied to the top level.
+    ``provenance`` (e.g. the date of the runs) is copied to the top level; ``commits`` (file name -> the
+    commit it ran at) goes into each row and, the distinct commits joined, to the top level.
 
     ValueError when the parts' schedules differ, or when nnU-Net's own trainer trained without
     torch.compile (the baseline the family is compared with is nnU-Net's GPU default)."""
@@ -73,7 +97,10 @@ def merge(parts: Dict[str, dict], device: str, provenance: Optional[Dict[str, st
                          "dice_best_mean": row.get("dice_best_mean"),
                          "dice_best_no_tta_mean": row.get("dice_best_no_tta_mean"),
                          "any_nan_loss": row.get("any_nan_loss"), "gpu_shared": bool(part.get("gpu_shared")),
-                         "source": name, "command": part.get("command")})
+                         "source": name, "command": part.get("command"),
+                         **({"commit": commits[name]} if commits else {})})
+    if commits:
+        provenance = {"commit": ", ".join(dict.fromkeys(commits[name] for name in parts)), **(provenance or {})}
     return {"device": device, **(provenance or {}), "schedule": {"epochs": epochs, "iterations": iterations},
             "rows": rows,
             "missing": [[spec, dataset] for dataset in sorted({p["dataset"] for p in parts.values()})
@@ -89,15 +116,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     m.add_argument("parts", nargs="+", type=Path, help="compare --out files")
     m.add_argument("--device", required=True, help='the GPU, e.g. "NVIDIA H200"')
     m.add_argument("--out", type=Path, required=True)
-    m.add_argument("--commit", help="the commit the parts ran at (recorded)")
+    m.add_argument("--commit", action="append", default=[], metavar="[PREFIX=]COMMIT",
+                   help="the commit the parts ran at (recorded); PREFIX=COMMIT for the parts whose file name "
+                   "starts with PREFIX; repeatable")
     m.add_argument("--date", help="when the parts ran, e.g. 2026-12-03 (recorded)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "trainers":
         print("\n".join(FAMILY))
         return 0
     try:
-        provenance = {k: v for k, v in (("commit", args.commit), ("date", args.date)) if v}
-        result = merge({str(p): json.loads(p.read_text()) for p in args.parts}, args.device, provenance)
+        parts = {str(p): json.loads(p.read_text()) for p in args.parts}
+        commits = part_commits(args.commit, list(parts)) if args.commit else None
+        result = merge(parts, args.device, {"date": args.date} if args.date else None, commits)
     except (OSError, ValueError, KeyError) as err:
         print(f"family_accuracy merge: {type(err).__name__}: {err}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nnunetv2_mobilevim.research.family_accuracy import FAMILY, main, merge
+from nnunetv2_mobilevim.research.family_accuracy import FAMILY, main, merge, part_commits
 
 
 def _row(spec, dice, dice_mean, epoch, peak, compiled=False):
@@ -79,6 +79,34 @@ def test_command_line_writes_the_file_and_fails_clearly(tmp_path, capsys):
     assert "absent.json" in capsys.readouterr().err
     assert main(["trainers"]) == 0
     assert capsys.readouterr().out.split() == list(FAMILY)
+
+
+def test_parts_run_at_different_commits_keep_their_commit_per_row(tmp_path):
+    names = ["r/demo/call1/a.json", "r/demo/call3/b.json", "r/shapes/call1/c.json"]
+    assert part_commits(["e4371a2", "r/demo/call3/=25f2b6e", "r/shapes/=25f2b6e"], names) == {
+        names[0]: "e4371a2", names[1]: "25f2b6e", names[2]: "25f2b6e"}
+    assert part_commits(["r/=aaa", "r/demo/=bbb"], names)[names[1]] == "bbb"  # the longest prefix wins
+    with pytest.raises(ValueError, match="no part's file name starts with r/brain/"):
+        part_commits(["e4371a2", "r/brain/=25f2b6e"], names)
+    with pytest.raises(ValueError, match="no --commit names the commit of r/shapes/call1/c.json"):
+        part_commits(["r/demo/=25f2b6e"], names)
+    with pytest.raises(ValueError, match="without a prefix was given 2 times"):
+        part_commits(["aaa", "bbb"], names)
+
+    parts = {}
+    for name, spec in zip(names, ["nnUNetTrainerMobileViM", "nnUNetTrainerMultiSegMamba", "nnUNetTrainerMobileViM"]):
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_part("shapes" if "shapes" in name else "demo",
+                                         [_row(spec, {"x": 0.5}, 0.5, 1.0, 0.1)], epochs=10, iterations=50)))
+        parts[name] = str(path)
+    out = tmp_path / "acc.json"
+    assert main(["merge", *parts.values(), "--device", "NVIDIA H200", "--out", str(out), "--date", "2026-12-03",
+                 "--commit", "e4371a2", "--commit", f"{tmp_path}/r/demo/call3/=25f2b6e",
+                 "--commit", f"{tmp_path}/r/shapes/=25f2b6e"]) == 0
+    written = json.loads(out.read_text())
+    assert [r["commit"] for r in written["rows"]] == ["e4371a2", "25f2b6e", "25f2b6e"]
+    assert (written["commit"], written["date"]) == ("e4371a2, 25f2b6e", "2026-12-03")
 
 
 def test_compare_prepares_only_and_predicts_the_final_checkpoint_only(tmp_path, monkeypatch):
