@@ -59,12 +59,14 @@ def predict(args: Sequence, env: Optional[Mapping[str, str]] = None,
     return _entry_point("nnunetv2.inference.predict_from_raw_data", "predict_entry_point", args, env, check)
 
 
-def short_trainer(trainer_class: type, dataset: str, epochs: int, iterations: int, device, fold="all"):
+def short_trainer(trainer_class: type, dataset: str, epochs: int, iterations: int, device, fold="all",
+                  continue_training: bool = False):
     """``trainer_class`` for ``dataset``'s 3d_fullres plan (read from ``nnUNet_preprocessed``), as
-    ``nnUNetv2_train`` would build it, with ``epochs`` x ``iterations`` (validation: a fifth, >= 2)."""
+    ``nnUNetv2_train`` (with ``--c`` if ``continue_training``) would build it, with ``epochs`` x
+    ``iterations`` (validation: a fifth, >= 2)."""
     preprocessed = Path(os.environ["nnUNet_preprocessed"]) / dataset
     plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
-    plans["continue_training"] = False  # nnU-Net 2.8.1's run_training sets this before building a trainer
+    plans["continue_training"] = continue_training  # nnU-Net 2.8.1's run_training sets this before building one
     dataset_json = json.loads((preprocessed / "dataset.json").read_text())
     trainer = trainer_class(plans, "3d_fullres", fold, dataset_json, device)
     trainer.num_epochs = epochs

@@ -13,6 +13,11 @@ Python process (``train_in_fresh_process``); prediction uses
 nnU-Net's CLI: ``checkpoint_final.pth`` with mirroring (``dice``), ``checkpoint_best.pth`` with and
 without it (``dice_best``, ``dice_best_no_tta``). torch.compile is off for all, except nnU-Net's own trainer with
 ``--baseline-compile`` (nnU-Net 2.8's default on a GPU; the MobileViM trainers replay CUDA graphs).
+
+A training longer than one sitting (a device call of at most 10 minutes): ``--time-limit SECONDS`` saves
+``checkpoint_latest.pth`` after every epoch, stops after the last epoch that fits, records the trainer as
+``"incomplete"`` (no prediction) and exits with status 3; the same command with ``--continue`` and the
+same ``--workdir`` then goes on from that checkpoint, as ``nnUNetv2_train --c`` does.
 """
 
 from __future__ import annotations
@@ -69,43 +74,110 @@ def prepare_dataset(name: str, root: Path, processes: int = 8) -> Tuple[str, int
     return dataset, dataset_id, raw
 
 
-def train_one(trainer_class: type, dataset: str, epochs: int, iterations: int, compile_network: bool) -> Dict:
+class OutOfTime(Exception):
+    """Raised at the end of an epoch when another epoch as long would end after the deadline."""
+
+
+def stop_before(trainer, deadline: float) -> None:
+    """Make ``trainer`` save ``checkpoint_latest.pth`` after every epoch and raise ``OutOfTime`` at the
+    end of an epoch when another epoch of the same length would end after ``deadline``
+    (``time.monotonic()``). The epoch's checkpoint is written before the check, so nothing trained is lost."""
+    trainer.save_every = 1
+    on_epoch_start, on_epoch_end = trainer.on_epoch_start, trainer.on_epoch_end
+    started = [time.monotonic()]
+
+    def start():
+        started[0] = time.monotonic()
+        on_epoch_start()
+
+    def end():
+        on_epoch_end()
+        now = time.monotonic()
+        if trainer.current_epoch < trainer.num_epochs and now + (now - started[0]) > deadline:
+            raise OutOfTime(trainer.current_epoch)
+
+    trainer.on_epoch_start, trainer.on_epoch_end = start, end
+
+
+def _finish_loaders(trainer) -> None:
+    """Stop the augmentation workers of a training that ended early (nnU-Net's ``on_train_end`` would
+    also write ``checkpoint_final.pth``, which an unfinished training must not have)."""
+    from ..acceleration.prefetch import DevicePrefetcher
+
+    for loader in (trainer.dataloader_train, trainer.dataloader_val):
+        loader = loader.loader if isinstance(loader, DevicePrefetcher) else loader
+        if hasattr(loader, "_finish"):
+            loader._finish()
+
+
+def train_one(trainer_class: type, dataset: str, epochs: int, iterations: int, compile_network: bool,
+              seconds_left: Optional[float] = None, resume: bool = False, device: str = "cuda") -> Dict:
+    """Train ``trainer_class`` on ``dataset`` for ``epochs`` x ``iterations`` and return its figures.
+
+    ``seconds_left``: stop after the last epoch that fits (``stop_before``) and return
+    ``{"trainer", "incomplete": True, "epochs_done"}``. ``resume``: continue from the output folder's
+    ``checkpoint_latest.pth`` as ``nnUNetv2_train --c`` does; a training already finished there
+    (``checkpoint_final.pth`` only) is not repeated: its figures come from that checkpoint's log
+    (``peak_gpu_gb`` and ``train_seconds`` then None)."""
     import torch
 
     trainer_name = trainer_class.__name__
+    deadline = None if seconds_left is None else time.monotonic() + seconds_left
     torch.backends.cudnn.benchmark = True  # as nnUNetv2_train sets it before training
-    trainer = nnunet_run.short_trainer(trainer_class, dataset, epochs, iterations, torch.device("cuda"))
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+    trainer = nnunet_run.short_trainer(trainer_class, dataset, epochs, iterations, torch.device(device),
+                                       continue_training=resume)
     os.environ["nnUNet_compile"] = "t" if compile_network else "f"  # read when the run initialises
+    folder = Path(trainer.output_folder)
+    resumed_at, finished = None, False
     try:
-        trainer.run_training()
+        if resume and (folder / "checkpoint_latest.pth").exists():
+            trainer.load_checkpoint(str(folder / "checkpoint_latest.pth"))
+            resumed_at = trainer.current_epoch
+        elif resume and (folder / "checkpoint_final.pth").exists():
+            trainer.load_checkpoint(str(folder / "checkpoint_final.pth"))
+            resumed_at, finished = trainer.current_epoch, True
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        if deadline is not None:
+            stop_before(trainer, deadline)
+        start = time.perf_counter()
+        if not finished:
+            try:
+                trainer.run_training()
+            except OutOfTime:
+                _finish_loaders(trainer)
+                return {"trainer": trainer_name, "incomplete": True, "epochs_done": trainer.current_epoch,
+                        "resumed_at_epoch": resumed_at}
     finally:
         os.environ["nnUNet_compile"] = "f"
     logger = getattr(trainer.logger, "local_logger", trainer.logger)  # 2.8: MetaLogger wraps the local logger
     log = logger.my_fantastic_logging
     epoch_times = [e - s for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])]
-    return {"trainer": trainer_name, "train_seconds": time.perf_counter() - start,
+    return {"trainer": trainer_name, "train_seconds": None if finished else time.perf_counter() - start,
             "epoch_seconds_median": float(np.median(epoch_times[1:] or epoch_times)),
             "first_epoch_seconds": float(epoch_times[0]), "torch_compile": compile_network,
             "cuda_graph_training": getattr(trainer, "graphed_train_step", None) is not None,
-            "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2 ** 30,
+            "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" and not finished else None,
             "final_train_loss": float(log["train_losses"][-1]),
             "any_nan_loss": bool(any(not np.isfinite(x) for x in log["train_losses"])),
-            "params": sum(p.numel() for p in trainer.network.parameters())}
+            "params": sum(p.numel() for p in trainer.network.parameters()), "resumed_at_epoch": resumed_at}
 
 
 def train_in_fresh_process(trainer_name: str, dataset: str, epochs: int, iterations: int,
-                           compile_network: bool) -> Dict:
+                           compile_network: bool, seconds_left: Optional[float] = None, resume: bool = False,
+                           device: str = "cuda") -> Dict:
     """``train_one`` for the trainer called ``trainer_name``, in a new Python process
     (``nnunet_run.in_fresh_process``)."""
-    return nnunet_run.in_fresh_process(_train_by_name, trainer_name, dataset, epochs, iterations, compile_network)
+    return nnunet_run.in_fresh_process(_train_by_name, trainer_name, dataset, epochs, iterations, compile_network,
+                                       seconds_left, resume, device)
 
 
-def _train_by_name(trainer_name: str, dataset: str, epochs: int, iterations: int, compile_network: bool) -> Dict:
+def _train_by_name(trainer_name: str, dataset: str, epochs: int, iterations: int, compile_network: bool,
+                   seconds_left: Optional[float], resume: bool, device: str) -> Dict:
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    return train_one(recursive_find_trainer_class_by_name(trainer_name), dataset, epochs, iterations, compile_network)
+    return train_one(recursive_find_trainer_class_by_name(trainer_name), dataset, epochs, iterations,
+                     compile_network, seconds_left, resume, device)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -125,12 +197,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--prepare-only", action="store_true",
                         help="write, plan and preprocess the dataset under --workdir, then stop (before parts "
                         "that run side by side)")
+    parser.add_argument("--time-limit", type=float, metavar="SECONDS",
+                        help="stop training after the last epoch that fits in SECONDS from this command's start "
+                        "(checkpoint_latest.pth after every epoch), record the unfinished trainers and exit with "
+                        "status 3; the same command with --continue goes on")
+    parser.add_argument("--continue", dest="resume", action="store_true",
+                        help="continue each trainer from its checkpoint_latest.pth under --workdir (nnUNetv2_train "
+                        "--c); one that finished there is predicted, not trained again")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.out is None and not args.prepare_only:
         parser.error("--out is required (unless --prepare-only)")
 
+    deadline = None if args.time_limit is None else time.monotonic() + args.time_limit
     root = (args.workdir or Path(tempfile.mkdtemp(prefix="mobilevim-compare-"))).resolve()
     os.environ.update(nnunet_run.folder_variables(root), nnUNet_compile="f")
     dataset, dataset_id, raw = prepare_dataset(args.dataset, root)
@@ -143,24 +223,37 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     result = {"dataset": args.dataset, "epochs": args.epochs, "iterations_per_epoch": args.iterations,
               "command": "python -m nnunetv2_mobilevim.research.compare " + " ".join(argv),
               "patch": plans["patch_size"], "batch": plans["batch_size"], "gpu_shared": args.shared_gpu, "rows": []}
+    unfinished = []
     for spec in args.trainers:
         name, _, options = spec.partition(":")
-        print(f"[compare] {args.dataset}: training {spec} ({args.epochs} x {args.iterations})", flush=True)
         switch = {"da=0": "0", "da=1": "1"}.get(options)  # the device-augmentation switch for that run
         if options and switch is None:
             raise SystemExit(f"unknown option {options!r} in {spec!r}: use TRAINER, TRAINER:da=0 or TRAINER:da=1")
-        saved = os.environ.get(SWITCH)
-        if switch is not None:
-            os.environ[SWITCH] = switch  # the fresh process reads it once
-        try:
-            row = train_in_fresh_process(name, dataset, args.epochs, args.iterations,
-                                         compile_network=args.baseline_compile and name == "nnUNetTrainer")
-        finally:
-            if saved is None:
-                os.environ.pop(SWITCH, None)
-            else:
-                os.environ[SWITCH] = saved
+        seconds_left = None if deadline is None else deadline - time.monotonic()
+        if seconds_left is not None and seconds_left <= 0:
+            row = {"trainer": name, "incomplete": True, "epochs_done": None}  # not started
+        else:
+            print(f"[compare] {args.dataset}: training {spec} ({args.epochs} x {args.iterations})", flush=True)
+            saved = os.environ.get(SWITCH)
+            if switch is not None:
+                os.environ[SWITCH] = switch  # the fresh process reads it once
+            try:
+                row = train_in_fresh_process(name, dataset, args.epochs, args.iterations,
+                                             args.baseline_compile and name == "nnUNetTrainer", seconds_left,
+                                             args.resume)
+            finally:
+                if saved is None:
+                    os.environ.pop(SWITCH, None)
+                else:
+                    os.environ[SWITCH] = saved
         row["spec"], row["device_augmentation_switch"] = spec, switch
+        if row.get("incomplete"):
+            unfinished.append(spec)
+            result["rows"].append(row)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2))
+            print(f"[compare] {spec}: out of time after epoch {row['epochs_done']} of {args.epochs}", flush=True)
+            continue
         # the main figure: checkpoint_final with mirroring; then checkpoint_best with and without it
         predictions = (("dice", "checkpoint_final.pth", []),
                        ("dice_best", "checkpoint_best.pth", []),
@@ -176,8 +269,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args.out.write_text(json.dumps(result, indent=2))  # after every trainer: a stopped run keeps what it has
         best = "" if args.final_only else (f" (best checkpoint: {row['dice_best_mean']:.4f}, "
                                            f"without mirroring {row['dice_best_no_tta_mean']:.4f})")
+        peak = "" if row["peak_gpu_gb"] is None else f", peak {row['peak_gpu_gb']:.2f} GB"
         print(f"[compare] {spec}: Dice {row['dice']} mean {row['dice_mean']:.4f}{best}, "
-              f"epoch {row['epoch_seconds_median']:.2f} s, peak {row['peak_gpu_gb']:.2f} GB", flush=True)
+              f"epoch {row['epoch_seconds_median']:.2f} s{peak}", flush=True)
+    if unfinished:
+        print(f"[compare] not finished within --time-limit: {', '.join(unfinished)}; run the same command with "
+              "--continue (and the same --workdir) to go on", flush=True)
+        raise SystemExit(3)
 
 
 if __name__ == "__main__":

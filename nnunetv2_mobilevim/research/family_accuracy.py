@@ -15,7 +15,10 @@ compiled, and writes ``{"device", "schedule", "rows": [{"trainer", "dataset", "d
 "dice_mean", "epoch_s_median", "peak_gb", "gpu_shared", ...}]}`` (``gpu_shared``: the part ran with
 ``--shared-gpu``, beside another training, so its epoch times are not comparable); a trainer trained
 twice on a dataset (a second seed) gives two rows, numbered by ``run``. Parts may run side by side on one
-GPU after ``compare --prepare-only`` has written the dataset once.
+GPU after ``compare --prepare-only`` has written the dataset once. A trainer too slow for one call trains
+with ``compare --time-limit`` and is continued by the same command with ``--continue`` in the next call
+(same workdir); the first part's unfinished row is skipped, and the trainer stays in ``missing`` until a
+part holds its finished row.
 """
 
 from __future__ import annotations
@@ -85,6 +88,8 @@ def merge(parts: Dict[str, dict], device: str, provenance: Optional[Dict[str, st
     runs: Dict[tuple, int] = {}
     for name, part in parts.items():
         for row in part["rows"]:
+            if row.get("incomplete"):  # stopped by compare --time-limit: its continuation is another part
+                continue
             spec = row.get("spec", row["trainer"])
             if row["trainer"] == "nnUNetTrainer" and not row.get("torch_compile"):
                 raise ValueError(f"{name}: nnUNetTrainer trained without torch.compile; run compare with "

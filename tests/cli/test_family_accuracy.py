@@ -109,6 +109,20 @@ def test_parts_run_at_different_commits_keep_their_commit_per_row(tmp_path):
     assert (written["commit"], written["date"]) == ("e4371a2, 25f2b6e", "2026-12-03")
 
 
+def test_merge_skips_rows_of_trainers_stopped_by_the_time_limit():
+    stopped = _part("shapes", [_row("nnUNetTrainerMobileViM_xs", {"a": 0.5}, 0.5, 1.0, 0.1),
+                               {"trainer": "nnUNetTrainerMultiSegMamba", "spec": "nnUNetTrainerMultiSegMamba",
+                                "incomplete": True, "epochs_done": 4}])
+    result = merge({"call1.json": stopped}, "x")
+    assert [r["trainer"] for r in result["rows"]] == ["nnUNetTrainerMobileViM_xs"]
+    assert ["nnUNetTrainerMultiSegMamba", "shapes"] in result["missing"]
+    continued = _part("shapes", [_row("nnUNetTrainerMultiSegMamba", {"a": 0.25}, 0.25, 9.0, 20.0)])
+    result = merge({"call1.json": stopped, "call2.json": continued}, "x")
+    assert [(r["trainer"], r["run"], r["source"]) for r in result["rows"]] == [
+        ("nnUNetTrainerMobileViM_xs", 1, "call1.json"), ("nnUNetTrainerMultiSegMamba", 1, "call2.json")]
+    assert ["nnUNetTrainerMultiSegMamba", "shapes"] not in result["missing"]
+
+
 def test_compare_prepares_only_and_predicts_the_final_checkpoint_only(tmp_path, monkeypatch):
     """The flags of the parts: --prepare-only trains nothing; --final-only runs one prediction
     (checkpoint_final with mirroring) instead of three; --shared-gpu is recorded. Training and nnU-Net's
@@ -136,12 +150,19 @@ def test_compare_prepares_only_and_predicts_the_final_checkpoint_only(tmp_path, 
     def predict(args):
         predicted.append([str(a) for a in args])
         out = Path(args[args.index("-o") + 1])
-        shutil.copytree(Path(args[args.index("-i") + 1]).parent / "labelsTs", out)
+        shutil.copytree(Path(args[args.index("-i") + 1]).parent / "labelsTs", out, dirs_exist_ok=True)
 
     monkeypatch.setattr(compare, "prepare_dataset", prepare)
-    monkeypatch.setattr(compare, "train_in_fresh_process",
-                        lambda name, *a, **k: trained.append(name) or {"trainer": name, "epoch_seconds_median": 1.0,
-                                                                        "peak_gpu_gb": 0.5})
+    calls = []
+
+    def train(name, *args):
+        trained.append(name)
+        calls.append(args)
+        if name == "nnUNetTrainerMultiSegMamba" and not args[-1]:  # args[-1]: resume
+            return {"trainer": name, "incomplete": True, "epochs_done": 1, "resumed_at_epoch": None}
+        return {"trainer": name, "epoch_seconds_median": 1.0, "peak_gpu_gb": 0.5}
+
+    monkeypatch.setattr(compare, "train_in_fresh_process", train)
     monkeypatch.setattr(nnunet_run, "predict", predict)
     for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_compile"):
         monkeypatch.setenv(key, "unset")  # main sets them for its run; monkeypatch restores them after
@@ -160,3 +181,24 @@ def test_compare_prepares_only_and_predicts_the_final_checkpoint_only(tmp_path, 
     assert [p[p.index("-chk") + 1] for p in predicted] == ["checkpoint_final.pth", "checkpoint_best.pth",
                                                            "checkpoint_best.pth"]
     assert json.loads(out.read_text())["gpu_shared"] is False
+
+    # --time-limit: the unfinished trainer is recorded without a prediction, the next one not started, exit 3
+    predicted.clear(), trained.clear(), calls.clear()
+    limited = [*base, "--final-only", "--time-limit", "600", "--out", str(out)]
+    with pytest.raises(SystemExit) as stop:
+        compare.main([*limited, "--trainers", "nnUNetTrainerMobileViM_xs", "nnUNetTrainerMultiSegMamba"])
+    assert stop.value.code == 3
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["spec"], r.get("incomplete")) for r in rows] == [("nnUNetTrainerMobileViM_xs", None),
+                                                                 ("nnUNetTrainerMultiSegMamba", True)]
+    assert len(predicted) == 1 and "nnUNetTrainerMobileViM_xs" in predicted[0]
+    assert all(0 < a[-2] <= 600 for a in calls) and not any(a[-1] for a in calls)  # seconds_left, resume
+    # the same command with --continue passes resume on and finishes
+    predicted.clear(), calls.clear()
+    compare.main([*limited, "--continue", "--trainers", "nnUNetTrainerMultiSegMamba"])
+    assert calls[0][-1] is True and json.loads(out.read_text())["rows"][0]["dice"] == {"a": 1.0}
+    # out of time before a trainer starts: recorded as not started, nothing trained
+    trained.clear()
+    with pytest.raises(SystemExit):
+        compare.main([*base, "--time-limit", "0", "--out", str(out), "--trainers", "nnUNetTrainerMobileViM_xs"])
+    assert trained == [] and json.loads(out.read_text())["rows"][0]["epochs_done"] is None
