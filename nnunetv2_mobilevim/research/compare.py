@@ -252,7 +252,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             result["rows"].append(row)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=2))
-            print(f"[compare] {spec}: out of time after epoch {row['epochs_done']} of {args.epochs}", flush=True)
+            done = "not started" if row["epochs_done"] is None else f"after epoch {row['epochs_done']} of {args.epochs}"
+            print(f"[compare] {spec}: out of time, {done}", flush=True)
             continue
         # the main figure: checkpoint_final with mirroring; then checkpoint_best with and without it
         predictions = (("dice", "checkpoint_final.pth", []),
