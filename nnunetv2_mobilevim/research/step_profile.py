@@ -25,7 +25,8 @@ DEFAULT_TRAINERS = ["nnUNetTrainer", "nnUNetTrainer:compile", "nnUNetTrainerMobi
 
 
 def profile_trainer(name: str, compile_flag: str, dataset: str) -> Dict:
-    """Median data wait and ``train_step`` wall over 30 steps (after 8 warm-up steps), then GPU kernel
+    """Median data wait and ``train_step`` wall over 30 steps (after 8 warm-up steps; with the device
+    pipeline also the host time of ``prefetch_next_batch`` inside the step), then GPU kernel
     time and the top CPU / GPU ops of 5 profiled steps, for trainer ``name`` with
     ``nnUNet_compile=compile_flag`` ("t" or "f")."""
     import torch
@@ -37,9 +38,19 @@ def profile_trainer(name: str, compile_flag: str, dataset: str) -> Dict:
     tr = nnunet_run.short_trainer(cls, dataset, 1, 50, torch.device("cuda"))
     tr.on_train_start()
     tr.network.train()
+    prefetch_ms: list = []
+    if hasattr(tr, "prefetch_next_batch"):  # the device pipeline: host time of fetching the next batch
+        prefetch = tr.prefetch_next_batch
+
+        def timed_prefetch():
+            t = time.perf_counter()
+            prefetch()
+            prefetch_ms.append(1000 * (time.perf_counter() - t))
+        tr.prefetch_next_batch = timed_prefetch
     for _ in range(8):  # cuDNN autotuning, graph capture or compilation
         tr.train_step(next(tr.dataloader_train))
     torch.cuda.synchronize()
+    prefetch_ms.clear()
     waits, steps = [], []
     for _ in range(30):
         t0 = time.perf_counter()
@@ -50,6 +61,7 @@ def profile_trainer(name: str, compile_flag: str, dataset: str) -> Dict:
         t2 = time.perf_counter()
         waits.append(t1 - t0)
         steps.append(t2 - t1)
+    prefetch_timed = list(prefetch_ms)  # the 30 timed steps' (not the profiled ones)
     batches = [next(tr.dataloader_train) for _ in range(5)]
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for b in batches:
@@ -61,6 +73,7 @@ def profile_trainer(name: str, compile_flag: str, dataset: str) -> Dict:
     top_cpu = sorted([e for e in ev if e.device_type.name == "CPU"], key=lambda e: e.cpu_time_total, reverse=True)[:15]
     top_gpu = sorted(cuda, key=lambda e: e.self_device_time_total, reverse=True)[:10]
     row = {"data_wait_ms": 1000 * float(np.median(waits)), "train_step_ms": 1000 * float(np.median(steps)),
+           "prefetch_host_ms": float(np.median(prefetch_timed)) if prefetch_timed else None,
            "gpu_kernel_ms_per_step": gpu_ms, "kernels_per_step": sum(e.count for e in cuda) / 5,
            "top_cpu": [(e.key[:60], round(e.cpu_time_total / 5 / 1000, 2), e.count // 5) for e in top_cpu],
            "top_gpu": [(e.key[:60], round(e.self_device_time_total / 5 / 1000, 2), e.count // 5) for e in top_gpu]}
