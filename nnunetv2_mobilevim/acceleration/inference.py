@@ -12,11 +12,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from typing import Any, Callable, Dict, Hashable, Tuple
+from typing import Any, Callable, Dict, Hashable, Iterator, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 from torch.utils._pytree import tree_map
 
 from .cuda_graphs import FastPathWarning, cudnn_autotuning, deep_supervision_switch, graph_key, uncached_autocast  # noqa: F401 (re-exported)
@@ -26,21 +26,61 @@ _PAIRS = ((nn.Conv3d, nn.BatchNorm3d), (nn.ConvTranspose3d, nn.BatchNorm3d),
           (nn.Conv2d, nn.BatchNorm2d), (nn.ConvTranspose2d, nn.BatchNorm2d))
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of ``model`` with every convolution -> BatchNorm pair (2D or 3D, transposed or
-    not) in an ``nn.Sequential`` fused into one convolution (PyTorch's ``fuse_conv_bn_eval``)."""
-    folded = copy.deepcopy(model).eval()
-    for module in folded.modules():
+def _conv_bn_pairs(model: nn.Module) -> Iterator[Tuple[str, nn.Sequential, str, str, bool]]:
+    """(the Sequential's name, the Sequential, the convolution's key, the BatchNorm's key, transposed?) for
+    every convolution -> BatchNorm pair that ``fold_batchnorm`` fuses (2D or 3D, transposed or not, the
+    BatchNorm tracking running statistics)."""
+    for name, module in model.named_modules():
         if not isinstance(module, nn.Sequential):
             continue
         names = list(module._modules)
         for first, second in zip(names, names[1:]):
             conv, norm = module._modules[first], module._modules[second]
             if type(norm) in (bn for c, bn in _PAIRS if isinstance(conv, c)) and norm.track_running_stats:
-                transpose = isinstance(conv, (nn.ConvTranspose2d, nn.ConvTranspose3d))
-                module._modules[first] = fuse_conv_bn_eval(conv, norm, transpose=transpose)
-                module._modules[second] = nn.Identity()
+                yield name, module, first, second, isinstance(conv, (nn.ConvTranspose2d, nn.ConvTranspose3d))
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with every convolution -> BatchNorm pair (2D or 3D, transposed or
+    not) in an ``nn.Sequential`` fused into one convolution (PyTorch's ``fuse_conv_bn_eval``)."""
+    folded = copy.deepcopy(model).eval()
+    for _, module, first, second, transpose in list(_conv_bn_pairs(folded)):
+        module._modules[first] = fuse_conv_bn_eval(module._modules[first], module._modules[second], transpose)
+        module._modules[second] = nn.Identity()
     return folded
+
+
+class Refold:
+    """Writes ``network``'s current weights, BatchNorms folded, into ``folded`` (a ``fold_batchnorm`` copy of
+    ``network``, in any memory format) in place: the values folding again would give (PyTorch's
+    ``fuse_conv_bn_weights`` on the same tensors), in the same tensors, so a CUDA graph captured on
+    ``folded`` stays valid; without copying the module tree, which folding does (the host's time at every
+    validation's start).
+
+        refold = Refold(network, folded); ...train network...; refold()
+    """
+
+    def __init__(self, network: nn.Module, folded: nn.Module) -> None:
+        self.fused = []  # (conv, BatchNorm, transposed?, the folded convolution)
+        fused_keys = set()
+        for name, module, first, second, transpose in _conv_bn_pairs(network):
+            path = f"{name}.{first}" if name else first
+            self.fused.append((module._modules[first], module._modules[second], transpose,
+                               folded.get_submodule(path)))
+            fused_keys.update((f"{path}.weight", f"{path}.bias"))
+        source = network.state_dict(keep_vars=True)
+        self.copies = [(source[key], tensor) for key, tensor in folded.state_dict(keep_vars=True).items()
+                       if key not in fused_keys]
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        for conv, norm, transpose, target in self.fused:
+            weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, norm.running_mean, norm.running_var,
+                                                norm.eps, norm.weight, norm.bias, transpose)
+            target.weight.copy_(weight)
+            target.bias.copy_(bias)
+        for source, target in self.copies:
+            target.copy_(source)
 
 
 def replay_possible(x: Tensor) -> bool:
@@ -157,14 +197,13 @@ class FastInference(nn.Module):
                 or torch.compiler.is_compiling()):  # under torch.compile the compiler owns the graph
             return self.network(x)
         rt = self._runtime
-        if rt.folded is None or rt.stale:
+        if rt.folded is None:
             folded = fold_batchnorm(self.network).to(memory_format=torch.contiguous_format)  # faster for inference
-            if rt.folded is None:
-                rt.folded = folded
-                rt.runner = CUDAGraphRunner(folded, signature_fn=lambda: deep_supervision_switch(folded))
-            else:  # into the captured copy's own tensors, so that its CUDA graphs stay valid
-                rt.folded.load_state_dict(folded.state_dict())
-            rt.stale = False
+            rt.folded, rt.refold = folded, Refold(self.network, folded)
+            rt.runner = CUDAGraphRunner(folded, signature_fn=lambda: deep_supervision_switch(folded))
+        elif rt.stale:
+            rt.refold()  # into the captured copy's own tensors, so that its CUDA graphs stay valid
+        rt.stale = False
         decoder = getattr(rt.folded, "decoder", None)
         if decoder is not None and hasattr(decoder, "deep_supervision"):  # nnU-Net switches it for validation
             decoder.deep_supervision = deep_supervision_switch(self.network)
@@ -186,11 +225,12 @@ class FastInference(nn.Module):
 
 
 class _Runtime:
-    """What ``FastInference`` builds at run time: the folded copy and its ``CUDAGraphRunner``. A deep copy
-    of the wrapper starts empty instead of copying captured graphs."""
+    """What ``FastInference`` builds at run time: the folded copy, its ``Refold`` and its
+    ``CUDAGraphRunner``. A deep copy of the wrapper starts empty instead of copying captured graphs."""
 
     def __init__(self) -> None:
         self.folded: nn.Module | None = None
+        self.refold: Refold | None = None
         self.runner: CUDAGraphRunner | None = None
         self.stale = True
 

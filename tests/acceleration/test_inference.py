@@ -10,7 +10,7 @@ from torch import nn
 
 from nnunetv2_mobilevim import MobileViM
 from nnunetv2_mobilevim.acceleration import inference as fast_inference
-from nnunetv2_mobilevim.acceleration.inference import FastInference, fold_batchnorm
+from nnunetv2_mobilevim.acceleration.inference import FastInference, Refold, fold_batchnorm
 
 
 def test_folded_network_gives_the_same_logits():
@@ -24,6 +24,51 @@ def test_folded_network_gives_the_same_logits():
     assert remaining == 0 and total > 50
     assert (out - ref).abs().max() / ref.abs().max() < 1e-4
     assert sum(isinstance(m, nn.BatchNorm3d) for m in net.modules()) == total  # the original is untouched
+
+
+def _mixed_network() -> nn.Module:
+    """Every case a fold meets: conv without bias -> BN, transposed conv -> BN, a BN after no conv (kept), a
+    conv without BN, 2D beside 3D, a non-affine BN."""
+    return nn.Sequential(
+        nn.Sequential(nn.BatchNorm3d(2), nn.Conv3d(2, 4, 3, bias=False), nn.BatchNorm3d(4), nn.ReLU()),
+        nn.Sequential(nn.ConvTranspose3d(4, 3, 2, stride=2), nn.BatchNorm3d(3, affine=False), nn.Conv3d(3, 3, 1)),
+        nn.Sequential(nn.Flatten(1, 2), nn.Conv2d(3 * 8, 2, 3), nn.BatchNorm2d(2)))
+
+
+@pytest.mark.parametrize("make", [lambda: MobileViM(input_channels=1, num_classes=3, variant="xs"), _mixed_network],
+                         ids=["mobilevim_xs", "mixed"])
+def test_refold_writes_what_folding_again_gives_into_the_same_tensors(make):
+    """[refold_exact] After training changes weights and running statistics, Refold leaves the folded copy
+    bit for bit equal to a fresh fold of the network (in the copy's memory format), in the tensors it had."""
+    net = make()
+    norms = [m for m in net.modules() if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d))]
+    with torch.no_grad():
+        for m in norms:
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            if m.affine:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    folded = fold_batchnorm(net).to(memory_format=torch.contiguous_format)
+    refold = Refold(net, folded)
+    kept = sum(isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)) for m in folded.modules())
+    assert len(refold.fused) == len(norms) - kept > 0
+    before = {k: (t.data_ptr(), t.stride()) for k, t in folded.state_dict(keep_vars=True).items()}
+    x = torch.randn(2, *((1, 32, 32, 32) if isinstance(net, MobileViM) else (2, 6, 8, 8)))
+    net.train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    out = net(x)
+    (out[0] if isinstance(out, (list, tuple)) else out).square().mean().backward()  # running stats move too
+    opt.step()
+    net.eval()
+    refold()
+    fresh = fold_batchnorm(net).to(memory_format=torch.contiguous_format).state_dict()
+    now = folded.state_dict(keep_vars=True)
+    assert list(now) == list(fresh) and {k: (t.data_ptr(), t.stride()) for k, t in now.items()} == before
+    assert [k for k in fresh if not torch.equal(now[k], fresh[k])] == []
+    with torch.no_grad():
+        ref, got = (o[0] if isinstance(o, (list, tuple)) else o for o in (net(x), folded(x)))
+    assert _rel(got, ref) < 1e-5
 
 
 def test_fast_inference_is_inert_on_the_cpu():
