@@ -138,10 +138,10 @@ def train_one(trainer_class: type, dataset: str, epochs: int, iterations: int, c
             resumed_at, finished = trainer.current_epoch, True
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        if deadline is not None:
-            stop_before(trainer, deadline)
         start = time.perf_counter()
         if not finished:
+            if deadline is not None:
+                stop_before(trainer, deadline)
             try:
                 trainer.run_training()
             except OutOfTime:
@@ -250,8 +250,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if row.get("incomplete"):
             unfinished.append(spec)
             result["rows"].append(row)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=2))
+            _write(args.out, result)
             done = "not started" if row["epochs_done"] is None else f"after epoch {row['epochs_done']} of {args.epochs}"
             print(f"[compare] {spec}: out of time, {done}", flush=True)
             continue
@@ -266,8 +265,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             row[key] = dice_per_class(out, raw / "labelsTs", labels)
             row[f"{key}_mean"] = float(np.mean(list(row[key].values())))
         result["rows"].append(row)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))  # after every trainer: a stopped run keeps what it has
+        _write(args.out, result)
         best = "" if args.final_only else (f" (best checkpoint: {row['dice_best_mean']:.4f}, "
                                            f"without mirroring {row['dice_best_no_tta_mean']:.4f})")
         peak = "" if row["peak_gpu_gb"] is None else f", peak {row['peak_gpu_gb']:.2f} GB"
@@ -277,6 +275,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"[compare] not finished within --time-limit: {', '.join(unfinished)}; run the same command with "
               "--continue (and the same --workdir) to go on", flush=True)
         raise SystemExit(3)
+
+
+def _write(path: Path, result: dict) -> None:
+    """The results so far, after every trainer: a stopped run keeps what it has."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
