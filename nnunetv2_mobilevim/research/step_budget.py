@@ -27,6 +27,7 @@ from typing import Callable, Dict
 import numpy as np
 import torch
 
+from ..cli.benchmark import _step_body  # nnU-Net's step after zero_grad, as benchmark times it
 from ..cli.benchmark import _time_cuda as _events_ms  # median GPU ms by CUDA events, as benchmark measures
 
 
@@ -132,19 +133,11 @@ def training_step(patch, compiled: bool):
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-2, fused=True)
     scaler = torch.amp.GradScaler("cuda")
 
-    def step_fn(x, target):
-        with torch.autocast("cuda", dtype=torch.float16):
-            out = forward(x)
-            out = out[0] if isinstance(out, (list, tuple)) else out
-            loss = torch.nn.functional.cross_entropy(out, target)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
-        scaler.step(opt)
-        scaler.update()
-        return loss.detach()
+    def full_resolution(x):  # the deep-supervision head's first output
+        out = forward(x)
+        return out[0] if isinstance(out, (list, tuple)) else out
 
-    step = GraphedTrainStep(step_fn, [opt])
+    step = GraphedTrainStep(lambda x, target: _step_body(net, full_resolution, opt, scaler, x, target), [opt])
     x = torch.randn(2, 1, *patch, device="cuda").to(memory_format=torch.channels_last_3d)
     target = torch.randint(0, 3, (2, *patch), device="cuda")
     return step, x, target

@@ -1,18 +1,23 @@
 """Where an nnU-Net training iteration goes: data wait, train_step wall, GPU kernel time.
 
 Run on the GPU machine:
-    python -m nnunetv2_mobilevim.research.step_profile [shapes|demo] [TRAINER[:compile] ...]
+    python -m nnunetv2_mobilevim.research.step_profile [shapes|demo] [TRAINER[:compile] ...] [--trace]
 
 Default: shapes; nnU-Net's trainer eager and compiled, MobileViM_SGD, MobileViM. Trainers as
 nnUNetv2_train builds them, with their augmentation workers, one after another in this process; work
-folder /tmp/prof (reused once planned). Writes ``$OUT/step_profile_DATASET.json``.
+folder /tmp/prof (reused once planned). Writes ``$OUT/step_profile_DATASET.json``; with ``--trace`` also
+the profiled steps' timeline per trainer, ``$OUT/step_profile_trace_TRAINER.json.gz`` (torch.profiler's
+Chrome trace: open it in Perfetto or chrome://tracing), which shows where the host waits, not only for how long.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -24,11 +29,22 @@ from ..nnunet import run as nnunet_run
 DEFAULT_TRAINERS = ["nnUNetTrainer", "nnUNetTrainer:compile", "nnUNetTrainerMobileViM_SGD", "nnUNetTrainerMobileViM"]
 
 
-def profile_trainer(name: str, compile_flag: str, dataset: str) -> Dict:
+def write_trace(prof, path: Path) -> Path:
+    """The profile's timeline as a gzipped Chrome trace at ``path`` (``export_chrome_trace`` writes plain
+    JSON to a file; a few profiled steps of a 3D network are tens of MB before compression)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(plain))
+        with open(plain, "rb") as src, gzip.open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return path
+
+
+def profile_trainer(name: str, compile_flag: str, dataset: str, trace: Optional[Path] = None) -> Dict:
     """Median data wait and ``train_step`` wall over 30 steps (after 8 warm-up steps; with the device
     pipeline also the host time of ``prefetch_next_batch`` inside the step), then GPU kernel
     time and the top CPU / GPU ops of 5 profiled steps, for trainer ``name`` with
-    ``nnUNet_compile=compile_flag`` ("t" or "f")."""
+    ``nnUNet_compile=compile_flag`` ("t" or "f"); with ``trace`` those steps' timeline there (``write_trace``)."""
     import torch
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     from torch.profiler import ProfilerActivity, profile
@@ -77,6 +93,8 @@ def profile_trainer(name: str, compile_flag: str, dataset: str) -> Dict:
            "gpu_kernel_ms_per_step": gpu_ms, "kernels_per_step": sum(e.count for e in cuda) / 5,
            "top_cpu": [(e.key[:60], round(e.cpu_time_total / 5 / 1000, 2), e.count // 5) for e in top_cpu],
            "top_gpu": [(e.key[:60], round(e.self_device_time_total / 5 / 1000, 2), e.count // 5) for e in top_gpu]}
+    if trace is not None:
+        row["trace"] = write_trace(prof, trace).name
     if hasattr(tr, "dataloader_train"):
         tr.on_train_end()
     return row
@@ -88,7 +106,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("dataset", nargs="?", default="shapes", choices=["shapes", "demo"])
     parser.add_argument("trainers", nargs="*", default=DEFAULT_TRAINERS, metavar="TRAINER",
                         help="trainer class names; ':compile' trains with nnUNet_compile=t")
+    parser.add_argument("--trace", action="store_true",
+                        help="also write each trainer's profiled steps as a gzipped Chrome trace into $OUT")
     args = parser.parse_args(argv)
+    out_dir = Path(os.environ.get("OUT", "/tmp"))
 
     root = Path("/tmp/prof")
     os.environ.update(nnunet_run.folder_variables(root))
@@ -102,13 +123,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for entry in args.trainers:
         name, compile_flag = entry.split(":")[0], "t" if entry.endswith(":compile") else "f"
         key = f"{name} compile={compile_flag}"
-        out[key] = profile_trainer(name, compile_flag, dataset)
+        trace = out_dir / f"step_profile_trace_{name}{'_compile' if compile_flag == 't' else ''}.json.gz"
+        out[key] = profile_trainer(name, compile_flag, dataset, trace if args.trace else None)
         print(key, json.dumps({k: v for k, v in out[key].items() if not k.startswith("top")}), flush=True)
         for row in out[key]["top_cpu"]:
             print("   cpu", row)
         for row in out[key]["top_gpu"]:
             print("   gpu", row)
-    path = Path(os.environ.get("OUT", "/tmp")).joinpath(f"step_profile_{args.dataset}.json")
+    path = out_dir / f"step_profile_{args.dataset}.json"
     path.write_text(json.dumps(out, indent=1))
 
 

@@ -162,3 +162,22 @@ def test_predict_e2e_times_all_four_commands_and_their_first_call(tmp_path):
         assert row["cases"] == 1 and 0 < row["first_call_s"] < row["wall_s"]
         assert row["per_case_s"] == pytest.approx(row["wall_s"] - row["first_call_s"], abs=0.02)
     assert all(r["dice_agreement_min"] >= 0.99 for r in rows if r["command"] == "ours")
+
+
+def test_step_profile_trace_is_the_profiled_timeline_gzipped(tmp_path):
+    import gzip
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from nnunetv2_mobilevim.research.step_profile import write_trace
+
+    a = torch.randn(64, 64)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            torch.mm(a, a)
+    path = write_trace(prof, tmp_path / "t.json.gz")
+    assert path == tmp_path / "t.json.gz"
+    events = json.loads(gzip.decompress(path.read_bytes()))["traceEvents"]
+    mm = [e for e in events if e.get("name") == "aten::mm" and e.get("ph") == "X"]
+    assert len(mm) == 3 and all(e["dur"] > 0 for e in mm)  # each profiled call, with its duration
