@@ -6,7 +6,7 @@ Run on the GPU machine:
 Default: shapes; nnU-Net's trainer eager and compiled, MobileViM_SGD, MobileViM. Trainers as
 nnUNetv2_train builds them, with their augmentation workers, one after another in this process; work
 folder /tmp/prof (reused once planned). Writes ``$OUT/step_profile_DATASET.json``; with ``--trace`` also
-the profiled steps' timeline per trainer, ``$OUT/step_profile_trace_TRAINER.json.gz`` (torch.profiler's
+the profiled steps' timeline per trainer, ``$OUT/step_profile_trace_TRAINER[_compile].json.gz`` (torch.profiler's
 Chrome trace: open it in Perfetto or chrome://tracing), which shows where the host waits, not only for how long.
 """
 
