@@ -13,11 +13,8 @@ Chrome trace: open it in Perfetto or chrome://tracing), which shows where the ho
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -30,13 +27,11 @@ DEFAULT_TRAINERS = ["nnUNetTrainer", "nnUNetTrainer:compile", "nnUNetTrainerMobi
 
 
 def write_trace(prof, path: Path) -> Path:
-    """The profile's timeline as a gzipped Chrome trace at ``path`` (``export_chrome_trace`` writes plain
-    JSON to a file; a few profiled steps of a 3D network are tens of MB before compression)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        plain = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(plain))
-        with open(plain, "rb") as src, gzip.open(path, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+    """The profile's timeline as a gzipped Chrome trace at ``path`` (a name ending in ``.gz``, for which
+    PyTorch's ``export_chrome_trace`` compresses; a few profiled steps of a 3D network are tens of MB)."""
+    if path.suffix != ".gz":
+        raise ValueError(f"{path}: a trace file name ends in .gz")
+    prof.export_chrome_trace(str(path))
     return path
 
 
