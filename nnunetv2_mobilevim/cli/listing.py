@@ -26,7 +26,7 @@ def shipped_trainers() -> List[type]:
     U-Mamba, Taming Mambas, then nnU-Net's own network."""
     from ..ext_trainers import nnunetv2_mobilevim_trainers as shim
 
-    modules = ["trainers", "umamba_trainers", "taming_trainers", "device_augmentation"]
+    modules = ["trainers", "umamba_trainers", "taming_trainers", "device_augmentation", "nnunet_network_trainers"]
     found = [v for k, v in vars(shim).items() if k.startswith("nnUNetTrainer") and isinstance(v, type)]
     return sorted(found, key=lambda t: (modules.index(t.__module__.rsplit(".", 1)[1]), t.__name__))
 

@@ -40,6 +40,11 @@ def _nnunet(cm, inputs: int, outputs: int) -> nn.Module:
                                   deep_supervision=False)
 
 
+def _nnunet_accelerated(cm, inputs: int, outputs: int) -> nn.Module:
+    """``nnUNetTrainer_Accelerated``: nnU-Net's network, handed over as this package's trainers hand theirs."""
+    return for_prediction(_nnunet(cm, inputs, outputs))
+
+
 def _mobilevim(variant: str) -> Builder:
     def build(cm, inputs: int, outputs: int) -> nn.Module:
         from ..networks.mobilevim.network import mobilevim_from_plan
@@ -70,6 +75,7 @@ def _taming(variant: str, mamba: bool) -> Builder:
 BUILDERS: Dict[str, Builder] = {
     "nnUNetTrainer": _nnunet,
     "nnUNetTrainer_DeviceAug": _nnunet,
+    "nnUNetTrainer_Accelerated": _nnunet_accelerated,
     **{name: _mobilevim("s") for name in
        ("nnUNetTrainerMobileViM", "nnUNetTrainerMobileViM_SGD", "nnUNetTrainerMobileViM_smoke")},
     **{name: _mobilevim("xs") for name in ("nnUNetTrainerMobileViM_xs", "nnUNetTrainerMobileViM_xs_SGD")},
@@ -101,9 +107,9 @@ def find_trainer_class(name: str) -> type:
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
         return nnUNetTrainer
-    from . import device_augmentation, taming_trainers, trainers, umamba_trainers
+    from . import device_augmentation, nnunet_network_trainers, taming_trainers, trainers, umamba_trainers
 
-    for module in (trainers, umamba_trainers, taming_trainers, device_augmentation):
+    for module in (trainers, umamba_trainers, taming_trainers, device_augmentation, nnunet_network_trainers):
         cls = getattr(module, name, None)
         if isinstance(cls, type):
             return cls

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from gpu_helpers import rel_err, rel_l2, report, use_torch_scan
+from torch import nn
 
 from nnunetv2_mobilevim import MobileViM
 from nnunetv2_mobilevim.acceleration.inference import CUDAGraphRunner, FastInference, FastPathWarning, fold_batchnorm
@@ -320,21 +321,36 @@ def _flat(state) -> torch.Tensor:
     return torch.cat([p.detach().flatten().clone() for p in state.network.parameters()])
 
 
+def _plain_conv_unet():
+    """nnU-Net's default architecture (``nnUNetTrainer_Accelerated``'s network for a 3D plan), small: five
+    stages, so its four deep-supervision outputs match ``_batch``'s targets; InstanceNorm, LeakyReLU."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    return PlainConvUNet(1, 5, (8, 16, 32, 64, 64), nn.Conv3d, 3, (1, 2, 2, 2, 2), 2, 3, (2, 2, 2, 2), True,
+                         nn.InstanceNorm3d, {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU,
+                         {"inplace": True}, deep_supervision=True)
+
+
+@pytest.mark.parametrize("network", ["mobilevim_xs", "plainconvunet"])
 @pytest.mark.parametrize("optimizer", ["SGD", "AdamW"])
-def test_whole_step_graph_matches_the_eager_step(deterministic_cuda, optimizer):
+def test_whole_step_graph_matches_the_eager_step(deterministic_cuda, optimizer, network):
     """The trainers' step replayed from one CUDA graph updates the weights as the same step run eagerly,
     and as nnU-Net's own ``nnUNetTrainer.train_step`` does: nnU-Net's loss, fp16 autocast, GradScaler,
     clipping, the fused optimiser; six steps, the learning rate changed after capture (a scheduler's
     epoch step). Per step the parameter update is compared (relative L2); the second eager run shows
-    what is left of run-to-run noise."""
+    what is left of run-to-run noise. MobileViM_xs in channels_last_3d (the MobileViM trainers' layout)
+    and nnU-Net's PlainConvUNet contiguous (``nnUNetTrainer_Accelerated``'s)."""
     pytest.importorskip("nnunetv2")
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     from nnunetv2_mobilevim.nnunet.trainers import nnUNetTrainerMobileViM
 
     torch.manual_seed(0)
-    net = use_torch_scan(MobileViM(input_channels=1, num_classes=3, variant="xs", deep_supervision=True))
-    net = net.cuda().train().to(memory_format=torch.channels_last_3d)
+    if network == "plainconvunet":
+        net = _plain_conv_unet().cuda().train()
+    else:
+        net = use_torch_scan(MobileViM(input_channels=1, num_classes=3, variant="xs", deep_supervision=True))
+        net = net.cuda().train().to(memory_format=torch.channels_last_3d)
     nnunet, eager, graphed = (_trainer_state(n, optimizer) for n in (net, copy.deepcopy(net), copy.deepcopy(net)))
     step = GraphedTrainStep(lambda *t: nnUNetTrainerMobileViM._train_step_on_device(graphed, *t), [graphed.optimizer])
     generator = torch.Generator().manual_seed(0)

@@ -3,9 +3,9 @@ iterations, continues from its checkpoint with --c, and predicts, on the shared 
 `nnUNetPlans_small`. Each runs as a short subclass in an extra trainer folder (as a user would shorten
 one); nnU-Net finds the shipped ones through `nnunetv2_mobilevim ext-path`.
 
-In CI (each ~1.5 min on 2 cores): one network of each family in 3D (U-Mamba Enc, BiSegMamba) and
-MobileViM in 2D. Every other trainer, every twin, the `_Paper` recipes and more 2D networks are
-marked `exhaustive`:
+In CI (each ~1.5 min on 2 cores): one network of each family in 3D (U-Mamba Enc, BiSegMamba, nnU-Net's
+own network on this package's machinery) and MobileViM in 2D. Every other trainer, every twin, the
+`_Paper` recipes and more 2D networks are marked `exhaustive`:
 `pytest -m exhaustive tests/nnunet/test_family_cli.py` (log: docs/benchmarks/cpu_family_cli.txt).
 """
 
@@ -25,7 +25,8 @@ MAMBA = ["nnUNetTrainerUMambaBot", "nnUNetTrainerUMambaEnc", "nnUNetTrainerTamin
          "nnUNetTrainerMultiSegMamba", "nnUNetTrainerSegMambaSkip"]
 TWINS = [name + "_NoMamba" for name in MAMBA]
 PAPER = [name + "_Paper" for name in MAMBA if "UMamba" not in name]  # Taming's own recipe (RAdam, linear)
-IN_CI_3D = ["nnUNetTrainerUMambaEnc", "nnUNetTrainerBiSegMamba"]  # one per network family; the rest: exhaustive
+# one per network family; the rest: exhaustive
+IN_CI_3D = ["nnUNetTrainerUMambaEnc", "nnUNetTrainerBiSegMamba", "nnUNetTrainer_Accelerated"]
 PLANS = "nnUNetPlans_small"
 
 
@@ -36,7 +37,8 @@ def family_env(workspace, tmp_path_factory):
     ext = tmp_path_factory.mktemp("family_ext")
     modules = {"nnunetv2_mobilevim.nnunet.umamba_trainers": [n for n in MAMBA + TWINS if "UMamba" in n],
                "nnunetv2_mobilevim.nnunet.taming_trainers": [n for n in MAMBA + TWINS + PAPER if "UMamba" not in n],
-               "nnunetv2_mobilevim.nnunet.trainers": ["nnUNetTrainerMobileViM"]}
+               "nnunetv2_mobilevim.nnunet.trainers": ["nnUNetTrainerMobileViM"],
+               "nnunetv2_mobilevim.nnunet.nnunet_network_trainers": ["nnUNetTrainer_Accelerated"]}
     lines = []
     for module, names in modules.items():
         lines.append(f"from {module} import {', '.join(names)}")
