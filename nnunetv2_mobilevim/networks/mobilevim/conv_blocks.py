@@ -2,7 +2,7 @@
 
 As in dynamic_network_architectures, every block takes its operators as types: ``conv_op``
 (``nn.Conv3d`` or ``nn.Conv2d``), ``norm_op`` and ``norm_op_kwargs``; the dimension follows
-``conv_op`` (transposed convolution and interpolation are matched to it), so one code path serves
+``conv_op`` (transposed convolution is matched to it), so one code path serves
 both. The defaults are the 3D operators the network always used.
 Strides are per axis from the start (``(sd, sh, sw)`` or ``(sh, sw)``) so anisotropic nnU-Net plans work.
 All blocks map (B, C_in, *S) -> (B, C_out, *S'), S = (D, H, W) in 3D, (H, W) in 2D.
@@ -24,8 +24,6 @@ from torch.nn.modules.conv import _ConvNd
 
 Stride = Tuple[int, ...]  # one entry per spatial axis
 
-#: F.interpolate's linear mode for each number of spatial axes
-INTERPOLATION = {1: "linear", 2: "bilinear", 3: "trilinear"}
 #: the functional convolution for each number of spatial axes (the decoder applies weight blocks itself)
 FUNCTIONAL_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 

@@ -21,8 +21,9 @@ from dynamic_network_architectures.building_blocks.helper import convert_conv_op
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from .conv_blocks import FUNCTIONAL_CONV, INTERPOLATION, Bottleneck, ConvPair, Stride, UpLink, make_divisible
+from .conv_blocks import FUNCTIONAL_CONV, Bottleneck, ConvPair, Stride, UpLink, make_divisible
 from .scale_bridger import ScaleBridger
+from .upsample import linear_resize
 
 
 class MobileViMDecoder(nn.Module):
@@ -37,7 +38,7 @@ class MobileViMDecoder(nn.Module):
         if len(strides) != len(channels) - 1:
             raise ValueError("the decoder needs one stride between each pair of consecutive stages")
         self.deep_supervision = deep_supervision  # nnU-Net's trainer flips this attribute
-        self.dim = convert_conv_op_to_dim(conv_op)  # fuse_scales' functional conv and interpolation follow it
+        self.dim = convert_conv_op_to_dim(conv_op)  # fuse_scales' functional conv follows it
         ops = dict(conv_op=conv_op, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs)
         self.bottlenecks = nn.ModuleList([Bottleneck(c, bottleneck_expand, **ops) for c in channels])
         self.scale_bridger: Optional[ScaleBridger] = (
@@ -58,11 +59,11 @@ class MobileViMDecoder(nn.Module):
         the class maps gives the same logits while interpolating `classes` instead of C_i channels.
         """
         size = decoded[0].shape[2:]
-        conv, mode = FUNCTIONAL_CONV[self.dim], INTERPOLATION[self.dim]
+        conv = FUNCTIONAL_CONV[self.dim]
         weights = self.classifier.weight.split([t.shape[1] for t in decoded], dim=1)
         logits = conv(decoded[0], weights[0], self.classifier.bias)
         for w, t in zip(weights[1:], decoded[1:]):
-            logits = logits + F.interpolate(conv(t, w), size=size, mode=mode, align_corners=False)
+            logits = logits + linear_resize(conv(t, w), size)
         return logits
 
     def forward(self, features: List[Tensor]):

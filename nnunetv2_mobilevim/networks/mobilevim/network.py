@@ -16,14 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Type, Union
 
-import torch.nn.functional as F
 from dynamic_network_architectures.building_blocks.helper import convert_dim_to_conv_op
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from .config import MobileViMConfig, load_config
 from .conv_blocks import (
-    INTERPOLATION,
     ConvNormAct,
     MBConvDownsample,
     Stride,
@@ -35,6 +33,7 @@ from .conv_blocks import (
 )
 from .decoder import MobileViMDecoder
 from .mobile_mamba_block import MobileMambaBlock
+from .upsample import linear_resize
 
 NUM_DOWNSAMPLINGS = 4
 
@@ -157,7 +156,7 @@ class MobileViM(nn.Module):
         xp = pad_to_multiple(x, self.total_stride)
         out = self.decoder(self.encoder(xp))
         logits, extra = (out if self.decoder.deep_supervision else (out, []))
-        logits = F.interpolate(logits, size=xp.shape[2:], mode=INTERPOLATION[self.dim], align_corners=False)
+        logits = linear_resize(logits, xp.shape[2:])
         logits = logits[(..., *[slice(0, n) for n in size])]
         if not self.decoder.deep_supervision:
             return logits
