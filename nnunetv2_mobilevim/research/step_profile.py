@@ -7,7 +7,8 @@ Default: shapes; nnU-Net's trainer eager and compiled, MobileViM_SGD, MobileViM.
 nnUNetv2_train builds them, with their augmentation workers, one after another in this process; work
 folder /tmp/prof (reused once planned). Writes ``$OUT/step_profile_DATASET.json``; with ``--trace`` also
 the profiled steps' timeline per trainer, ``$OUT/step_profile_trace_TRAINER[_compile].json.gz`` (torch.profiler's
-Chrome trace: open it in Perfetto or chrome://tracing), which shows where the host waits, not only for how long.
+Chrome trace: open it in Perfetto or chrome://tracing), which shows where the host waits, not only for how long,
+and in the JSON its summary (``timeline_summary``: GPU busy time per stream and in all, first to last GPU event).
 """
 
 from __future__ import annotations
@@ -33,6 +34,36 @@ def write_trace(prof, path: Path) -> Path:
         raise ValueError(f"{path}: a trace file name ends in .gz")
     prof.export_chrome_trace(str(path))
     return path
+
+
+def timeline_summary(path: Path, steps: int) -> Dict:
+    """Per profiled step, from a trace ``write_trace`` wrote: the GPU's busy time on each stream and on
+    all of them together (the union of kernel, copy and memset intervals, so overlapping streams count
+    once), the span from the first to the last GPU event (busy time plus the gaps between events), and
+    the span of the whole trace. ``steps``: how many steps the trace holds."""
+    import gzip
+
+    events = [e for e in json.loads(gzip.decompress(path.read_bytes()))["traceEvents"] if e.get("ph") == "X"]
+    gpu = sorted((e["ts"], e["ts"] + e["dur"], str(e["tid"])) for e in events
+                 if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    per_stream: Dict[str, list] = {}
+    for start, end, stream in gpu:
+        count_busy = per_stream.setdefault(stream, [0, 0.0])
+        count_busy[0] += 1
+        count_busy[1] += end - start
+    union, covered_to = 0.0, float("-inf")
+    for start, end, _ in gpu:  # sorted by start: add what lies beyond the part already counted
+        if end > covered_to:
+            union += end - max(start, covered_to)
+            covered_to = end
+    ms = 1000.0 * steps  # trace times are in microseconds
+    return {"steps": steps,
+            "trace_span_ms": (max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)) / ms
+            if events else 0.0,
+            "gpu_busy_ms": union / ms,
+            "gpu_first_to_last_ms": (max(end for _, end, _ in gpu) - gpu[0][0]) / ms if gpu else 0.0,
+            "streams": {stream: {"events": n / steps, "busy_ms": busy / ms}
+                        for stream, (n, busy) in per_stream.items()}}
 
 
 def profile_trainer(name: str, compile_flag: str, dataset: str, trace: Optional[Path] = None) -> Dict:
@@ -90,6 +121,7 @@ def profile_trainer(name: str, compile_flag: str, dataset: str, trace: Optional[
            "top_gpu": [(e.key[:60], round(e.self_device_time_total / 5 / 1000, 2), e.count // 5) for e in top_gpu]}
     if trace is not None:
         row["trace"] = write_trace(prof, trace).name
+        row["timeline"] = timeline_summary(trace, len(batches))
     if hasattr(tr, "dataloader_train"):
         tr.on_train_end()
     return row

@@ -164,6 +164,33 @@ def test_predict_e2e_times_all_four_commands_and_their_first_call(tmp_path):
     assert all(r["dice_agreement_min"] >= 0.99 for r in rows if r["command"] == "ours")
 
 
+def test_step_profile_timeline_summary_counts_overlap_once(tmp_path):
+    """A hand-made trace of 2 steps (times in microseconds): stream 7 kernels [0, 100) and [150, 250), a
+    memset [250, 260); stream 13 kernels [50, 170) overlapping both and [300, 480), a copy [400, 450)
+    inside it; a host call [-20, 500). Busy: [0, 260) and [300, 480) = 440 us, 220 us per step; per
+    stream 210 and 350 us; first GPU event to last 480 us (the last to start is not the last to end);
+    the trace 520 us."""
+    import gzip
+
+    from nnunetv2_mobilevim.research.step_profile import timeline_summary
+
+    def event(cat, tid, ts, dur):
+        return {"ph": "X", "cat": cat, "tid": tid, "ts": ts, "dur": dur, "name": cat}
+
+    events = [event("kernel", 7, 0, 100), event("kernel", 7, 150, 100), event("gpu_memset", 7, 250, 10),
+              event("kernel", 13, 50, 120), event("kernel", 13, 300, 180), event("gpu_memcpy", 13, 400, 50),
+              event("cuda_runtime", 1, -20, 520),
+              {"ph": "i", "cat": "kernel", "tid": 7, "ts": 900, "name": "an instant, not an interval"}]
+    path = tmp_path / "t.json.gz"
+    path.write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
+    summary = timeline_summary(path, steps=2)
+    assert summary["gpu_busy_ms"] == pytest.approx(0.22)
+    assert summary["gpu_first_to_last_ms"] == pytest.approx(0.24)
+    assert summary["trace_span_ms"] == pytest.approx(0.26)
+    assert summary["streams"] == {"7": {"events": 1.5, "busy_ms": pytest.approx(0.105)},
+                                  "13": {"events": 1.5, "busy_ms": pytest.approx(0.175)}}
+
+
 def test_step_profile_trace_is_the_profiled_timeline_gzipped(tmp_path):
     import gzip
 
