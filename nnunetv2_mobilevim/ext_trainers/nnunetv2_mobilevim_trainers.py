@@ -2,11 +2,11 @@
 
 nnU-Net imports every module of that folder by its bare name; the trainers themselves live in
 nnunetv2_mobilevim.nnunet (trainers, umamba_trainers, taming_trainers, device_augmentation,
-nnunet_network_trainers), so their
-class paths (and checkpoints) never depend on this file. Every trainer a user trains is listed here
-(`nnunetv2_mobilevim list` prints them by network); the bases, which have no network or recipe,
-are not. nnUNetTrainer_DeviceAug is nnU-Net's default trainer with the augmentation on the GPU;
-nnUNetTrainer_Accelerated is nnU-Net's network and recipe on all of this package's machinery.
+nnunet_network_trainers), so their class paths (and checkpoints) never depend on this file. Every
+trainer a user trains is listed here (`nnunetv2_mobilevim list` prints them by network); the bases,
+which have no network or recipe, are not. nnUNetTrainer_DeviceAug is nnU-Net's default trainer with
+the augmentation on the GPU; nnUNetTrainer_Accelerated is nnU-Net's network and recipe on all of this
+package's machinery.
 """
 
 from nnunetv2_mobilevim.nnunet.device_augmentation import nnUNetTrainer_DeviceAug  # noqa: F401

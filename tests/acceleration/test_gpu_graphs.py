@@ -188,8 +188,8 @@ def test_graphed_training_matches_eager_over_optimizer_steps(deterministic_cuda,
     BatchNorm's running statistics as after four eager steps (the warm-up does not count).
 
     Before every step the eager copies take the graphed copy's weights and statistics, so each step
-    compares one step's arithmetic (the few atomic adds left differ from run to run, and training
-    amplifies any difference from step to step); the second eager run shows that noise."""
+    compares one step's arithmetic (training would amplify any difference from step to step); the
+    second eager run shows what is left of run-to-run noise."""
     torch.manual_seed(0)
     eager = use_torch_scan(MobileViM(input_channels=1, num_classes=3, variant="xs", deep_supervision=True))
     eager = eager.cuda().train().to(memory_format=torch.channels_last_3d)  # as the trainers train

@@ -9,7 +9,7 @@ decoder upsamples its class maps 2-8x) and not deterministic, so a training step
 repeated bit for bit (``torch.use_deterministic_algorithms`` refuses it). Here the forward is
 ``M_D x M_H^T ...`` with fixed (out, in) interpolation matrices and the backward is the same products
 transposed: deterministic, and few large kernels. The matrices hold PyTorch's own source-index and
-weight arithmetic (float32, ``align_corners=False``). Where that equality could not hold, the call goes
+weight arithmetic (``align_corners=False``, in PyTorch's precision). Where that equality could not hold, the call goes
 to ``F.interpolate``: half-precision inputs outside autocast, and float32 matrix products allowed to
 round to TF32 or bfloat16 (``torch.get_float32_matmul_precision() != "highest"``).
 """
