@@ -3,9 +3,11 @@ iterations, continues from its checkpoint with --c, and predicts, on the shared 
 `nnUNetPlans_small`. Each runs as a short subclass in an extra trainer folder (as a user would shorten
 one); nnU-Net finds the shipped ones through `nnunetv2_mobilevim ext-path`.
 
-In CI (each ~1.5 min on 2 cores): one network of each family in 3D (U-Mamba Enc, BiSegMamba, nnU-Net's
-own network on this package's machinery) and MobileViM in 2D. Every other trainer, every twin, the
-`_Paper` recipes and more 2D networks are marked `exhaustive`:
+In CI (each ~1.5 min on 2 cores): one network of each family in 3D (U-Mamba Enc, BiSegMamba) and
+MobileViM in 2D; nnU-Net's own network on this package's machinery (`nnUNetTrainer_Accelerated`) trains
+only (its continuation and prediction are the base trainer's, run by the others; its prediction network:
+tests/nnunet/test_prediction_networks.py). Every other trainer, every twin, the `_Paper` recipes, the
+whole cycle for `nnUNetTrainer_Accelerated` and more 2D networks are marked `exhaustive`:
 `pytest -m exhaustive tests/nnunet/test_family_cli.py` (log: docs/benchmarks/cpu_family_cli.txt).
 """
 
@@ -25,8 +27,8 @@ MAMBA = ["nnUNetTrainerUMambaBot", "nnUNetTrainerUMambaEnc", "nnUNetTrainerTamin
          "nnUNetTrainerMultiSegMamba", "nnUNetTrainerSegMambaSkip"]
 TWINS = [name + "_NoMamba" for name in MAMBA]
 PAPER = [name + "_Paper" for name in MAMBA if "UMamba" not in name]  # Taming's own recipe (RAdam, linear)
-# one per network family; the rest: exhaustive
-IN_CI_3D = ["nnUNetTrainerUMambaEnc", "nnUNetTrainerBiSegMamba", "nnUNetTrainer_Accelerated"]
+IN_CI_3D = ["nnUNetTrainerUMambaEnc", "nnUNetTrainerBiSegMamba"]  # one per network family; the rest: exhaustive
+ACCELERATED = "nnUNetTrainer_Accelerated"
 PLANS = "nnUNetPlans_small"
 
 
@@ -38,7 +40,7 @@ def family_env(workspace, tmp_path_factory):
     modules = {"nnunetv2_mobilevim.nnunet.umamba_trainers": [n for n in MAMBA + TWINS if "UMamba" in n],
                "nnunetv2_mobilevim.nnunet.taming_trainers": [n for n in MAMBA + TWINS + PAPER if "UMamba" not in n],
                "nnunetv2_mobilevim.nnunet.trainers": ["nnUNetTrainerMobileViM"],
-               "nnunetv2_mobilevim.nnunet.nnunet_network_trainers": ["nnUNetTrainer_Accelerated"]}
+               "nnunetv2_mobilevim.nnunet.nnunet_network_trainers": [ACCELERATED]}
     lines = []
     for module, names in modules.items():
         lines.append(f"from {module} import {', '.join(names)}")
@@ -73,7 +75,8 @@ def _write_small_plans(workspace) -> None:
     (folder / f"{PLANS}.json").write_text(json.dumps(plans, indent=1))
 
 
-def _train_continue_predict(workspace, family_env, trainer: str, configuration: str, tmp_path) -> None:
+def _train(family_env, trainer: str, configuration: str):
+    """``nnUNetv2_train`` of the short subclass: its command, fold folder and training log."""
     env, results = family_env
     name = f"{trainer}_short"
     train = ["nnUNetv2_train", DATASET_ID, configuration, "0", "-tr", name, "-p", PLANS, "-device", "cpu"]
@@ -82,6 +85,13 @@ def _train_continue_predict(workspace, family_env, trainer: str, configuration: 
     log = "".join(p.read_text() for p in sorted(fold.glob("training_log_*.txt")))
     assert (fold / "checkpoint_final.pth").is_file() and "train_loss" in log
     assert "nan" not in log.split("train_loss", 1)[1].split("\n", 1)[0].lower()
+    return train, fold, log
+
+
+def _train_continue_predict(workspace, family_env, trainer: str, configuration: str, tmp_path) -> None:
+    env, _ = family_env
+    train, fold, _ = _train(family_env, trainer, configuration)
+    name = f"{trainer}_short"
     # --c on a finished run loads checkpoint_final.pth through the trainer's checks, then validates again
     run([*train, "--c"], env)
     summary = fold / "validation" / "summary.json"
@@ -98,13 +108,19 @@ def test_trains_continues_and_predicts_in_3d(workspace, family_env, trainer, tmp
     _train_continue_predict(workspace, family_env, trainer, "3d_fullres", tmp_path)
 
 
+def test_nnunets_network_trains_on_the_package_machinery_in_3d(workspace, family_env):
+    """nnU-Net's own network from the plan (PlainConvUNet here) in this package's trainer base."""
+    _, _, log = _train(family_env, ACCELERATED, "3d_fullres")
+    assert "network PlainConvUNet" in log
+
+
 @pytest.mark.parametrize("trainer", ["nnUNetTrainerMobileViM"])
 def test_trains_continues_and_predicts_in_2d(workspace, family_env, trainer, tmp_path):
     _train_continue_predict(workspace, family_env, trainer, "2d", tmp_path)
 
 
 @pytest.mark.exhaustive
-@pytest.mark.parametrize("trainer", [t for t in MAMBA + TWINS + PAPER if t not in IN_CI_3D])
+@pytest.mark.parametrize("trainer", [t for t in MAMBA + TWINS + PAPER + [ACCELERATED] if t not in IN_CI_3D])
 def test_every_other_trainer_in_3d(workspace, family_env, trainer, tmp_path):
     _train_continue_predict(workspace, family_env, trainer, "3d_fullres", tmp_path)
 
