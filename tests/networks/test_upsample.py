@@ -79,3 +79,28 @@ def test_falls_back_to_pytorch_where_matrix_products_would_round_differently():
         assert torch.equal(linear_resize(x, size), _reference(x, size))
     finally:
         torch.set_float32_matmul_precision(saved)
+
+
+@pytest.mark.parametrize("dim", [3, 2])
+def test_mobilevim_fusion_and_output_follow_their_definitions(dim):
+    """MobileViM_xs with its resizing: the decoder's fusion equals its definition, the classifier on
+    concat(d_0, up(d_1), up(d_2), up(d_3)) with ``F.interpolate`` on the features; the network's output
+    equals the fused logits resized by ``F.interpolate`` to the padded input and cropped (a patch that
+    needs padding). float32 (the network keeps its Mamba projections in float32)."""
+    from nnunetv2_mobilevim import MobileViM
+    from nnunetv2_mobilevim.networks.mobilevim.conv_blocks import pad_to_multiple
+
+    torch.manual_seed(0)
+    net = MobileViM(input_channels=1, num_classes=3, variant="xs", deep_supervision=True, dim=dim).eval()
+    x = torch.randn(1, 1, *([20, 36, 28][-dim:]))
+    with torch.no_grad():
+        xp = pad_to_multiple(x, net.total_stride)
+        features = net.encoder(xp)
+        decoded = [torch.randn_like(b(f)) for b, f in zip(net.decoder.bottlenecks, features)]  # d_0..d_3
+        size = decoded[0].shape[2:]
+        stacked = torch.cat([decoded[0]] + [_reference(t, size) for t in decoded[1:]], dim=1)
+        torch.testing.assert_close(net.decoder.fuse_scales(decoded), net.decoder.classifier(stacked),
+                                   rtol=0, atol=1e-5)
+        logits = net.decoder(features)[0]
+        expected = _reference(logits, xp.shape[2:])[(..., *[slice(0, n) for n in x.shape[2:]])]
+        torch.testing.assert_close(net(x)[0], expected, rtol=0, atol=1e-5)
