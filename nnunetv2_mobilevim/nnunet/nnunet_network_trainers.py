@@ -22,10 +22,8 @@ from .base_trainer import nnUNetTrainerMambaBase
 
 
 class nnUNetTrainer_Accelerated(nnUNetTrainerMambaBase):
-    """nnU-Net's default network and recipe, trained with the graphed step and the device augmentation."""
-
-    paper = "nnU-Net (Isensee et al. 2021)"
-    recipe = "nnU-Net's: SGD (Nesterov 0.99) + poly, 1000 epochs"
+    """nnU-Net's default network and recipe, trained with the graphed step and the device augmentation
+    (``nnunetv2_mobilevim list`` names nnU-Net's paper and recipe for it, as for nnU-Net's own trainers)."""
 
     @classmethod
     def network_from_plan(cls, configuration_manager: ConfigurationManager, num_input_channels: int,
