@@ -64,6 +64,20 @@ def test_channels_last_input_and_an_unchanged_size_give_new_contiguous_tensors()
     assert same is not x and same.is_contiguous() and torch.equal(same, x)
 
 
+def test_a_resize_first_run_under_inference_mode_leaves_training_working():
+    """The matrices are cached: one first made in prediction (``torch.inference_mode``) is later used by
+    training in the same process (the family benchmark, a script that predicts then trains), where an
+    inference tensor cannot be saved for backward. Sizes no other test uses, so the cache is cold."""
+    x = torch.randn(1, 1, 3, 5, 7)
+    with torch.inference_mode():
+        linear_resize(x, (13, 11, 9))
+    assert not interpolation_matrix(3, 13, x.device, x.dtype).is_inference()
+    leaf = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(linear_resize(leaf, (13, 11, 9)).sum(), leaf)
+    (expected,) = torch.autograd.grad(_reference(leaf, (13, 11, 9)).sum(), leaf)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=1e-5)
+
+
 def test_falls_back_to_pytorch_where_matrix_products_would_round_differently():
     """bfloat16 (no autocast) and float32 with TF32/bfloat16 matrix products allowed: F.interpolate
     itself, bit for bit (the matrix path differs from it in the last bits, so equality shows the route)."""
