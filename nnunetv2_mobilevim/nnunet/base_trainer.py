@@ -3,7 +3,8 @@ in nnU-Net's loop with this package's speed machinery, no recipe.
 
 What it changes relative to ``nnUNetTrainer`` (the network and the recipe are the subclasses'):
 - torch.compile: off unless ``nnUNet_compile`` is set to true explicitly (nnU-Net 2.8 compiles by
-  default on CUDA; the mamba-ssm kernels are opaque to the compiler, see docs/nnunet.md);
+  default on CUDA; the mamba-ssm kernels are opaque to the compiler, see docs/nnunet.md); when it is on,
+  the compiled forward runs inside the CUDA-graph step below (compiled kernels, replayed launches);
 - data augmentation: nnU-Net's training transforms run batched on the GPU, the worker processes only
   load and crop (``device_augmentation.DeviceAugmentation``; ``NNUNETV2_MOBILEVIM_DEVICE_AUGMENTATION=0``
   keeps nnU-Net's pipeline);
@@ -71,6 +72,8 @@ class nnUNetTrainerMambaBase(BackgroundProgressPlot, DeviceAugmentation, nnUNetT
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.graphed_train_step: GraphedTrainStep | None = None  # set by initialize() on a single GPU
+        #: the network under torch.compile that the graphed step calls (nnUNet_compile=true); None: self.network
+        self.compiled_network: nn.Module | None = None
         self.run_ahead = RunAhead(self.steps_ahead)
 
     @classmethod
@@ -115,9 +118,9 @@ class nnUNetTrainerMambaBase(BackgroundProgressPlot, DeviceAugmentation, nnUNetT
         return flag in ("true", "1", "t") and self.device.type == "cuda"
 
     def _use_cuda_graphs(self) -> bool:
-        """Graph the training step on one GPU without torch.compile (DDP brings SyncBatchNorm and
-        gradient hooks, the compiler its own graphs); ``NNUNETV2_MOBILEVIM_CUDA_GRAPHS=0`` turns it off."""
-        return cuda_graphs_enabled() and self.device.type == "cuda" and not self.is_ddp and not self._do_i_compile()
+        """Graph the training step on one GPU (DDP brings SyncBatchNorm and gradient hooks), with the compiled
+        forward inside where ``nnUNet_compile`` asks for it; ``NNUNETV2_MOBILEVIM_CUDA_GRAPHS=0`` turns it off."""
+        return cuda_graphs_enabled() and self.device.type == "cuda" and not self.is_ddp
 
     def _fused(self) -> dict:
         """The optimiser's fused kernel on GPUs: the same update as the per-tensor loop in a few launches,
@@ -146,11 +149,14 @@ class nnUNetTrainerMambaBase(BackgroundProgressPlot, DeviceAugmentation, nnUNetT
             self.print_to_log_file(f"CUDA-graph training step off: {type(self.optimizer).__name__} has no fused "
                                    "kernel here; the step runs eagerly (same updates)")
         elif self._use_cuda_graphs():
+            network = self.network
+            if hasattr(network, "_orig_mod"):  # nnU-Net compiled it: the step calls the compiled module,
+                self.compiled_network, network = network, network._orig_mod  # validation the eager one
             if self.channels_last:  # the optimiser keeps the same Parameters
                 three_d = len(self.configuration_manager.patch_size) == 3
-                self.network.to(memory_format=torch.channels_last_3d if three_d else torch.channels_last)
-            if not isinstance(self.network, FastInference):  # validation: BatchNorm folded, replayed
-                self.network = FastInference(self.network)
+                network.to(memory_format=torch.channels_last_3d if three_d else torch.channels_last)
+            # validation: BatchNorm folded, replayed
+            self.network = network if isinstance(network, FastInference) else FastInference(network)
             self.graphed_train_step = self._new_graphed_step()
 
     def _new_graphed_step(self) -> GraphedTrainStep:
@@ -215,9 +221,11 @@ class nnUNetTrainerMambaBase(BackgroundProgressPlot, DeviceAugmentation, nnUNetT
         after nnU-Net's zero_grad). Deliberately a copy of those lines, not a call: nnU-Net's step also
         copies the batch to the GPU and reads the loss back to the host, which a CUDA graph cannot hold.
         ``data`` (B, C, D, H, W); ``target`` one (B, 1 or regions, D', H', W') map per deep-supervision
-        output. Runs on any device (the CPU tests compare it with nnU-Net's step)."""
+        output. Runs on any device (the CPU tests compare it with nnU-Net's step). Calls the compiled network
+        where there is one (the same module, compiled), as nnU-Net's step calls its compiled ``self.network``."""
+        network = self.network if self.compiled_network is None else self.compiled_network
         with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else nullcontext():
-            output = self.network(data)
+            output = network(data)
             loss = self.loss(output, list(target) if self.enable_deep_supervision else target[0])
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
@@ -236,7 +244,8 @@ class nnUNetTrainerMambaBase(BackgroundProgressPlot, DeviceAugmentation, nnUNetT
         on_cuda = self.device.type == "cuda"
         self.print_to_log_file(
             f"{self.describe_network()}, selective scan backend: {resolve_backend(on_cuda)}, torch.compile: "
-            f"{self._do_i_compile()}, CUDA-graph training step: {self.graphed_train_step is not None}\n"
+            f"{self._do_i_compile()}{' (inside the graph)' if self.compiled_network is not None else ''}, "
+            f"CUDA-graph training step: {self.graphed_train_step is not None}\n"
             f"{describe_backend(on_cuda)}")
 
     def describe_network(self) -> str:

@@ -277,7 +277,7 @@ def test_graphed_training_accumulates_gradients(deterministic_cuda, set_to_none)
 
 # --- training: the whole step in one graph -----------------------------------------------------------
 
-def _trainer_state(network, optimizer: str):
+def _trainer_state(network, optimizer: str, compiled_network=None):
     """What nnU-Net's train_step and the trainers' step read: nnU-Net's DC+CE deep-supervision loss, the
     optimiser as the trainers build it, GradScaler. (The ignore label's loss: tests/nnunet/test_nnunet_losses.py.)"""
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
@@ -293,8 +293,8 @@ def _trainer_state(network, optimizer: str):
         opt = SGD(network.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5, fused=True)
     else:
         opt = torch.optim.AdamW(network.parameters(), lr=1e-3, weight_decay=3e-2, fused=True)
-    return SimpleNamespace(device=torch.device("cuda"), network=network, enable_deep_supervision=True,
-                           optimizer=opt, grad_scaler=torch.amp.GradScaler("cuda"),
+    return SimpleNamespace(device=torch.device("cuda"), network=network, compiled_network=compiled_network,
+                           enable_deep_supervision=True, optimizer=opt, grad_scaler=torch.amp.GradScaler("cuda"),
                            loss=DeepSupervisionWrapper(loss, (weights / weights.sum()).tolist()))
 
 
@@ -379,6 +379,48 @@ def test_whole_step_graph_matches_the_eager_step(deterministic_cuda, optimizer, 
     assert moved and len(step) == 1  # captured once, replayed after
     assert isinstance(graphed.optimizer.param_groups[0]["lr"], float)
     assert graphed.grad_scaler.get_scale() == eager.grad_scaler.get_scale()
+
+
+@pytest.mark.parametrize("network", ["mobilevim_xs", "plainconvunet"])
+def test_whole_step_graph_with_the_compiled_network_matches_nnunets_compiled_step(deterministic_cuda, network):
+    """With ``nnUNet_compile`` the trainers' graphed step calls the torch.compile'd network inside the graph:
+    its updates must be the bits of nnU-Net's own ``train_step`` on a compiled network (nnU-Net 2.8's
+    default), SGD as the trainers build it, six steps, the learning rate changed after capture. Each side
+    compiles its own copy; the graph only removes the launches, so any difference is a defect."""
+    pytest.importorskip("nnunetv2")
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunetv2_mobilevim.nnunet.trainers import nnUNetTrainerMobileViM
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    if network == "plainconvunet":
+        net = _plain_conv_unet().cuda().train()
+    else:
+        net = use_torch_scan(MobileViM(input_channels=1, num_classes=3, variant="xs", deep_supervision=True))
+        net = net.cuda().train().to(memory_format=torch.channels_last_3d)
+    copies = (net, copy.deepcopy(net))
+    nnunet, graphed = (_trainer_state(torch.compile(n), "SGD") for n in copies)
+    graphed.network, graphed.compiled_network = copies[1], graphed.network  # as initialize() arranges them
+    step = GraphedTrainStep(lambda *t: nnUNetTrainerMobileViM._train_step_on_device(graphed, *t), [graphed.optimizer])
+    generator = torch.Generator().manual_seed(0)
+    moved = False
+    for i in range(6):  # 3 eager warm-up steps (they compile), capture + replay, replay (new lr), replay
+        if i == 4:
+            for s in (nnunet, graphed):
+                s.optimizer.param_groups[0]["lr"] *= 0.4
+        batch = _batch(generator)
+        _sync_trainer_state(graphed, (nnunet,))
+        before = [_flat(s) for s in (nnunet, graphed)]
+        nnUNetTrainer.train_step(nnunet, batch)
+        step(batch["data"], *batch["target"])
+        updates = [_flat(s) - b for s, b in zip((nnunet, graphed), before)]
+        moved = moved or bool(updates[0].abs().max() > 0)
+        err = rel_l2(updates[1], updates[0])
+        report(f"compiled {network} step {i}: whole-step graph vs nnU-Net's compiled train_step, update rel L2", err)
+        assert torch.equal(updates[1], updates[0]), (i, err)
+    assert moved and len(step) == 1
+    torch._dynamo.reset()
 
 
 def test_silent_fallback_graphed_step_beyond_max_graphs(deterministic_cuda):

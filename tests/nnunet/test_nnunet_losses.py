@@ -228,7 +228,8 @@ def test_ignore_label_whole_step_graph_captures_and_matches_nnunets_step(tmp_pat
     net = TinyDeepSupervisionNet().cuda()
 
     def trainer_state(network, loss):
-        return SimpleNamespace(device=torch.device("cuda"), network=network, enable_deep_supervision=True,
+        return SimpleNamespace(device=torch.device("cuda"), network=network, compiled_network=None,
+                               enable_deep_supervision=True,
                                optimizer=torch.optim.AdamW(network.parameters(), lr=1e-2, fused=True),
                                grad_scaler=torch.amp.GradScaler("cuda"), loss=loss)
 

@@ -29,7 +29,7 @@ def trainer_state(network: torch.nn.Module, loss_scale: float, scaler: bool) -> 
                            weight_ce=1, weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
     loss = DeepSupervisionWrapper(dc_ce, (weights / weights.sum()).tolist())
     return SimpleNamespace(
-        device=torch.device("cpu"), network=network, enable_deep_supervision=True,
+        device=torch.device("cpu"), network=network, compiled_network=None, enable_deep_supervision=True,
         optimizer=torch.optim.SGD(network.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5),
         grad_scaler=torch.amp.GradScaler("cpu") if scaler else None,
         loss=lambda output, target: loss_scale * loss(output, target))
