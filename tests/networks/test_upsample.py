@@ -78,6 +78,35 @@ def test_a_resize_first_run_under_inference_mode_leaves_training_working():
     torch.testing.assert_close(grad, expected, rtol=0, atol=1e-5)
 
 
+def test_torch_compile_leaves_the_resize_to_eager_pytorch():
+    """Traced by torch.compile, the cached matrices would be rebuilt inside every call's compiled graph
+    (arange, zeros, index_put_, a host-to-device copy that a CUDA graph cannot capture: the training step
+    with ``nnUNet_compile`` failed so on the H200). MobileViM's compiled graphs hold none of that, nor the
+    resize's matrix products: the resize runs eagerly, from the cache, between them."""
+    from nnunetv2_mobilevim.networks.mobilevim import MobileViM
+
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = MobileViM(input_channels=1, num_classes=3, variant="xs", deep_supervision=True).train()
+    x = torch.randn(1, 1, 32, 32, 32)
+    expected = net(x)
+    got = torch.compile(net, backend=record)(x)
+    torch._dynamo.reset()
+    assert graphs
+    ops = {getattr(n.target, "__name__", str(n.target)) for g in graphs for n in g.graph.nodes
+           if n.op in ("call_function", "call_method")}
+    assert "conv3d" in ops  # the network's convolutions are compiled
+    assert not ops & {"arange", "zeros", "tensor", "index_put_", "matmul", "to"}, ops
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
 def test_falls_back_to_pytorch_where_matrix_products_would_round_differently():
     """bfloat16 (no autocast) and float32 with TF32/bfloat16 matrix products allowed: F.interpolate
     itself, bit for bit (the matrix path differs from it in the last bits, so equality shows the route)."""

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...ssm.backend import eager_under_compile
+
 #: F.interpolate's linear mode for each number of spatial axes
 LINEAR_MODE = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
@@ -54,6 +56,9 @@ def _interpolation_matrix(n_in: int, n_out: int, device: torch.device, dtype: to
     return matrix.to(device=device, dtype=dtype)
 
 
+# Eager under torch.compile: traced, the cached matrices would be rebuilt in every call's graph, with a
+# host-to-device copy that a CUDA graph cannot capture.
+@eager_under_compile
 def linear_resize(x: Tensor, size: Sequence[int]) -> Tensor:
     """``F.interpolate(x, size, mode=LINEAR_MODE[x.dim() - 2], align_corners=False)``, also in its dtypes:
     float32 under CUDA autocast (which runs linear interpolation in float32), otherwise x's dtype. A new
