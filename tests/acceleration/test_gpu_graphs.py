@@ -383,7 +383,8 @@ def test_whole_step_graph_matches_the_eager_step(deterministic_cuda, optimizer, 
 
 @pytest.mark.parametrize("network", ["mobilevim_xs", "plainconvunet"])
 def test_whole_step_graph_with_the_compiled_network_matches_nnunets_compiled_step(deterministic_cuda, network):
-    """With ``nnUNet_compile`` the trainers' graphed step calls the torch.compile'd network inside the graph:
+    """With ``nnUNet_compile`` the trainers' graphed step calls the torch.compile'd network (and nnU-Net's
+    compiled Dice) inside the graph:
     its updates must be the bits of nnU-Net's own ``train_step`` on a compiled network (nnU-Net 2.8's
     default), SGD as the trainers build it, six steps, the learning rate changed after capture. Each side
     compiles its own copy; the graph only removes the launches, so any difference is a defect."""
@@ -402,6 +403,8 @@ def test_whole_step_graph_with_the_compiled_network_matches_nnunets_compiled_ste
     copies = (net, copy.deepcopy(net))
     nnunet, graphed = (_trainer_state(torch.compile(n), "SGD") for n in copies)
     graphed.network, graphed.compiled_network = copies[1], graphed.network  # as initialize() arranges them
+    for state in (nnunet, graphed):  # nnU-Net's _build_loss compiles the Dice term as well
+        state.loss.loss.dc = torch.compile(state.loss.loss.dc)
     step = GraphedTrainStep(lambda *t: nnUNetTrainerMobileViM._train_step_on_device(graphed, *t), [graphed.optimizer])
     generator = torch.Generator().manual_seed(0)
     moved = False

@@ -232,6 +232,36 @@ def test_checkpoint_continues_in_the_other_mode_resume_across_modes(nnunet_dirs,
     assert_state_fits(reader, MODES[reader_mode]["fused"])
 
 
+def test_compiled_graphed_mode_hands_the_compiled_network_to_the_step_resume_across_modes(nnunet_dirs):
+    """``nnUNet_compile`` on one GPU (both switches, and the fused kernel, answered here as there; no kernel
+    runs): nnU-Net's initialize compiles the network; ours gives the compiled module to the graphed step and
+    the eager network, wrapped for validation, to everything else, one set of Parameters for all three
+    and the optimiser. Its checkpoint (weights trained in place) continues in an eager trainer."""
+    from nnunetv2_mobilevim.acceleration.inference import FastInference
+
+    plans = copy.deepcopy(PLANS)
+    plans["continue_training"] = False
+    trainer = trainers.nnUNetTrainerMobileViM_xs(plans, "3d_fullres", 0, DATASET_JSON, torch.device("cpu"))
+    trainer._do_i_compile = trainer._use_cuda_graphs = lambda: True
+    trainer._fused = lambda: {"fused": True}
+    trainer.initialize()
+    compiled = trainer.compiled_network
+    assert compiled is not None and isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(trainer.network, FastInference) and trainer.network.network is compiled._orig_mod
+    assert trainer.graphed_train_step is not None
+    params = params_of(trainer.optimizer)
+    ids = list(map(id, params))
+    assert [id(p) for p in compiled.parameters()] == [id(p) for p in trainer.network.parameters()] == ids
+    with torch.no_grad():
+        for p, g in zip(params, gradients(params, 0)):
+            p.add_(g)
+    path = nnunet_dirs / "checkpoint.pth"
+    trainer.save_checkpoint(str(path))
+    reader = make_trainer("nnUNetTrainerMobileViM_xs")
+    reader.load_checkpoint(str(path))
+    assert all(torch.equal(a, b.contiguous()) for a, b in zip(params_of(reader.optimizer), params))
+
+
 @pytest.mark.parametrize("name", XS_TRAINERS)
 @pytest.mark.parametrize("writer_fused", [False, True], ids=["non_fused_writer", "fused_writer"])
 def test_checkpoint_continues_with_the_other_kernel_non_fused_checkpoint(nnunet_dirs, name, writer_fused):
