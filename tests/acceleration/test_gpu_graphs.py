@@ -384,10 +384,10 @@ def test_whole_step_graph_matches_the_eager_step(deterministic_cuda, optimizer, 
 @pytest.mark.parametrize("network", ["mobilevim_xs", "plainconvunet"])
 def test_whole_step_graph_with_the_compiled_network_matches_nnunets_compiled_step(deterministic_cuda, network):
     """With ``nnUNet_compile`` the trainers' graphed step calls the torch.compile'd network (and nnU-Net's
-    compiled Dice) inside the graph:
-    its updates must be the bits of nnU-Net's own ``train_step`` on a compiled network (nnU-Net 2.8's
-    default), SGD as the trainers build it, six steps, the learning rate changed after capture. Each side
-    compiles its own copy; the graph only removes the launches, so any difference is a defect."""
+    compiled Dice) inside the graph: its updates must be the bits of nnU-Net's own ``train_step`` on a
+    compiled network (nnU-Net 2.8's default), SGD as the trainers build it, six steps, the learning rate
+    changed after capture. Each side compiles its own copy; the graph only removes the launches, so any
+    difference is a defect."""
     pytest.importorskip("nnunetv2")
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
