@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -175,12 +175,28 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     result = {"dataset": dataset_name, "epochs": epochs, "iterations": iterations, "host_cpus": os.cpu_count(),
               "command": "python -m nnunetv2_mobilevim.research.epoch_anatomy " + " ".join(argv),
               "trainers": {}}
-    for entry in args.trainers:
-        summary = nnunet_run.in_fresh_process(measure, entry, dataset, epochs, iterations)
+    out = Path(os.environ.get("OUT", "/tmp")).joinpath(f"epoch_anatomy_{dataset_name}.json")
+    failures = measure_all(args.trainers, lambda entry: nnunet_run.in_fresh_process(
+        measure, entry, dataset, epochs, iterations), out, result)
+    if failures:
+        raise SystemExit(f"{failures} of {len(args.trainers)} trainers failed (their errors are in {out})")
+
+
+def measure_all(entries: Sequence[str], run: Callable[[str], dict], out: Path, result: dict) -> int:
+    """``run(entry)`` for each entry in order, into ``result["trainers"]``; a trainer that fails is recorded
+    with its error and the next one still runs, and ``out`` is rewritten after each (a run cut off by a
+    time limit keeps what finished). Returns the number of failures."""
+    failures = 0
+    for entry in entries:
+        try:
+            summary = run(entry)
+        except Exception as err:  # any failure of one trainer's run: record it, measure the others
+            failures += 1
+            summary = {"error": f"{type(err).__name__}: {err}"[:2000]}
         result["trainers"][entry] = summary
         print(entry, json.dumps(summary), flush=True)
-    Path(os.environ.get("OUT", "/tmp")).joinpath(f"epoch_anatomy_{dataset_name}.json").write_text(
-        json.dumps(result, indent=1))
+        out.write_text(json.dumps(result, indent=1))
+    return failures
 
 
 if __name__ == "__main__":

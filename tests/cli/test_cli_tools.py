@@ -124,6 +124,27 @@ def test_recorded_epoch_anatomy_commands_map_to_the_module():
             words[0], int(words[1]), int(words[2]), words[3:])
 
 
+def test_epoch_anatomy_keeps_measuring_after_a_trainer_fails(tmp_path):
+    """One trainer's failure (the H200 run of 142fb8b lost every later row to one failed capture) is
+    recorded with its error; the next trainer still runs, and the JSON on disk holds each finished row."""
+    from nnunetv2_mobilevim.research.epoch_anatomy import measure_all
+
+    out, seen = tmp_path / "anatomy.json", []
+
+    def run(entry):
+        seen.append(json.loads(out.read_text())["trainers"] if out.exists() else {})
+        if entry == "B":
+            raise RuntimeError("capture failed")
+        return {"epoch_s_median": len(seen)}
+
+    result = {"trainers": {}}
+    assert measure_all(["A", "B", "C"], run, out, result) == 1
+    assert seen == [{}, {"A": {"epoch_s_median": 1}},
+                    {"A": {"epoch_s_median": 1}, "B": {"error": "RuntimeError: capture failed"}}]
+    assert json.loads(out.read_text())["trainers"] == {
+        "A": {"epoch_s_median": 1}, "B": {"error": "RuntimeError: capture failed"}, "C": {"epoch_s_median": 3}}
+
+
 def test_predict_runs_a_single_case_without_worker_processes(tmp_path, monkeypatch):
     """``predict``'s -npp/-nps: as given; unset, nnU-Net's defaults (3, or nnUNet_npp / nnUNet_nps), except
     for a folder with a single case, which is predicted in the process (no workers to start)."""
