@@ -333,6 +333,16 @@ def _plain_conv_unet():
                          {"inplace": True}, deep_supervision=True)
 
 
+def _step_test_network(name: str) -> nn.Module:
+    """Seeded, on CUDA, in training mode: MobileViM_xs on the PyTorch scan in channels_last_3d (the MobileViM
+    trainers' layout), or nnU-Net's PlainConvUNet contiguous (``nnUNetTrainer_Accelerated``'s)."""
+    torch.manual_seed(0)
+    if name == "plainconvunet":
+        return _plain_conv_unet().cuda().train()
+    net = use_torch_scan(MobileViM(input_channels=1, num_classes=3, variant="xs", deep_supervision=True))
+    return net.cuda().train().to(memory_format=torch.channels_last_3d)
+
+
 @pytest.mark.parametrize("network", ["mobilevim_xs", "plainconvunet"])
 @pytest.mark.parametrize("optimizer", ["SGD", "AdamW"])
 def test_whole_step_graph_matches_the_eager_step(deterministic_cuda, optimizer, network):
@@ -347,12 +357,7 @@ def test_whole_step_graph_matches_the_eager_step(deterministic_cuda, optimizer, 
 
     from nnunetv2_mobilevim.nnunet.trainers import nnUNetTrainerMobileViM
 
-    torch.manual_seed(0)
-    if network == "plainconvunet":
-        net = _plain_conv_unet().cuda().train()
-    else:
-        net = use_torch_scan(MobileViM(input_channels=1, num_classes=3, variant="xs", deep_supervision=True))
-        net = net.cuda().train().to(memory_format=torch.channels_last_3d)
+    net = _step_test_network(network)
     nnunet, eager, graphed = (_trainer_state(n, optimizer) for n in (net, copy.deepcopy(net), copy.deepcopy(net)))
     step = GraphedTrainStep(lambda *t: nnUNetTrainerMobileViM._train_step_on_device(graphed, *t), [graphed.optimizer])
     generator = torch.Generator().manual_seed(0)
@@ -394,12 +399,7 @@ def test_whole_step_graph_with_the_compiled_network_matches_nnunets_compiled_ste
     from nnunetv2_mobilevim.nnunet.trainers import nnUNetTrainerMobileViM
 
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    if network == "plainconvunet":
-        net = _plain_conv_unet().cuda().train()
-    else:
-        net = use_torch_scan(MobileViM(input_channels=1, num_classes=3, variant="xs", deep_supervision=True))
-        net = net.cuda().train().to(memory_format=torch.channels_last_3d)
+    net = _step_test_network(network)
     copies = (net, copy.deepcopy(net))
     nnunet, graphed = (_trainer_state(torch.compile(n), "SGD") for n in copies)
     graphed.network, graphed.compiled_network = copies[1], graphed.network  # as initialize() arranges them
