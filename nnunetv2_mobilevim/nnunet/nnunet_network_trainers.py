@@ -6,7 +6,8 @@ The network is the plan's architecture (PlainConvUNet, a ResEnc UNet, ...), buil
 ``build_network_architecture``; the recipe is nnU-Net's (SGD, Nesterov 0.99, poly, 1000 epochs). What
 changes is how it runs, as for every trainer of this package (``base_trainer``): the augmentation on
 the GPU, the whole training step replayed from one CUDA graph with the fused optimiser, validation
-without a host sync per step, progress.png drawn in a worker, no torch.compile. Checkpoints and logs
+without a host sync per step, progress.png drawn in a worker; torch.compile only with
+``nnUNet_compile=true``, then inside the graphed step. Checkpoints and logs
 are nnU-Net's; ``nnUNetv2_predict`` with this trainer's name predicts with the replayed forward.
 
 ``nnUNetTrainer_DeviceAug`` moves only the augmentation and keeps nnU-Net's compiled, eager step.
