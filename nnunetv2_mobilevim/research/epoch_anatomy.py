@@ -17,7 +17,8 @@ total, which ends after a synchronisation (their validation ends with its one re
 GPU-inclusive too). ``epoch_s_median`` is nnU-Net's logged epoch; ``epoch_to_epoch_s_median`` adds
 nnU-Net's end of epoch (checkpoints, progress.png). Before training, the loader alone is timed (100
 batches after 20 warm-up batches, GPU idle): no network can make an epoch shorter than ITERATIONS of
-those. Writes ``$OUT/epoch_anatomy_DATASET.json``.
+those. Writes ``$OUT/epoch_anatomy_DATASET.json`` after each trainer; a trainer that fails is recorded
+with its error, the others still run, and the command then exits non-zero.
 """
 
 from __future__ import annotations
