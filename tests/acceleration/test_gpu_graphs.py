@@ -277,7 +277,7 @@ def test_graphed_training_accumulates_gradients(deterministic_cuda, set_to_none)
 
 # --- training: the whole step in one graph -----------------------------------------------------------
 
-def _trainer_state(network, optimizer: str, compiled_network=None):
+def _trainer_state(network, optimizer: str):
     """What nnU-Net's train_step and the trainers' step read: nnU-Net's DC+CE deep-supervision loss, the
     optimiser as the trainers build it, GradScaler. (The ignore label's loss: tests/nnunet/test_nnunet_losses.py.)"""
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
@@ -293,7 +293,7 @@ def _trainer_state(network, optimizer: str, compiled_network=None):
         opt = SGD(network.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5, fused=True)
     else:
         opt = torch.optim.AdamW(network.parameters(), lr=1e-3, weight_decay=3e-2, fused=True)
-    return SimpleNamespace(device=torch.device("cuda"), network=network, compiled_network=compiled_network,
+    return SimpleNamespace(device=torch.device("cuda"), network=network, compiled_network=None,
                            enable_deep_supervision=True, optimizer=opt, grad_scaler=torch.amp.GradScaler("cuda"),
                            loss=DeepSupervisionWrapper(loss, (weights / weights.sum()).tolist()))
 
