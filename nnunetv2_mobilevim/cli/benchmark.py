@@ -17,7 +17,9 @@ token, inner channel and state, which the counter does not see in the kernels); 
   autotuned, nothing to fold); the whole training step replayed from one CUDA graph with the fused SGD,
   as this package's trainers train (``GraphedTrainStep``; channels_last_3d where the trainer uses it);
 - ``compile`` (``--compile``): ``torch.compile(network)``, nnU-Net 2.8's default on GPUs (the fp16
-  forward and the training step; every other autocast dtype would be another compilation),
+  forward and the training step; every other autocast dtype would be another compilation);
+- ``graph_compile`` (both options; training step only): the compiled network inside the whole-step
+  graph, as this package's trainers train under ``nnUNet_compile=true``,
 forward passes per second at the inference batch (fp32, fp16 and bf16 autocast: ``--precisions``) and
 the training step in ms with its peak GPU memory. The step is nnU-Net's without its loss and
 augmentation: fp16 autocast, cross-entropy on the full-resolution output, GradScaler, gradient clipping
@@ -102,6 +104,7 @@ NNUNET_NETWORKS = tuple(name for name, spec in NETWORKS.items() if spec.nnunet)
 DEFAULT_NETWORKS = ("mobilevim_s", "mobilevim_xs", "plainconvunet", "resenc_m")
 PRECISIONS = ("fp32", "fp16", "bf16")
 MODES = ("eager", "graph", "compile")
+TRAIN_MODES = MODES + ("graph_compile",)
 #: the keys every row of the JSON has (None where not measured), what the issue's goals are read from
 ROW_KEYS = ("network", "params", "fps_fp16_eager", "fps_fp16_best", "train_step_ms_eager", "train_step_ms_best",
             "train_peak_gb", "best_mode")
@@ -229,7 +232,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(as this package's trainers train; MobileViM in channels_last_3d)")
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile(network): the fp16 forward and the training step (nnU-Net 2.8 "
-                        "compiles by default on a GPU); costs a compilation per network and mode")
+                        "compiles by default on a GPU), with --cuda-graphs also the compiled network inside the "
+                        "replayed training step; costs a compilation per network and mode")
     p.add_argument("--compile-skip-graphed", action="store_true",
                    help="with --compile: compile a network's forward / training step only where its graph replay "
                         "did not run, except for the networks of --compile-always")
@@ -534,7 +538,8 @@ def measure(name: str, options: BenchmarkOptions, row: Optional[Dict] = None,
 
 
 def _measure_training(row: Dict, net: nn.Module, spec: Network, o: BenchmarkOptions, attempt: Callable) -> None:
-    """The training-step half of ``measure``: eager, graph replay, torch.compile; the best of them."""
+    """The training-step half of ``measure``: eager, graph replay, torch.compile, the compiled network inside
+    the replayed step; the best of them."""
     import torch
 
     dev = torch.device(o.device)
@@ -577,16 +582,25 @@ def _measure_training(row: Dict, net: nn.Module, spec: Network, o: BenchmarkOpti
                 timed("train_step_ms_compile", lambda: _train_step(net, compiled, opt, scaler, xt, target),
                       max(o.warmup - 1, 1))
             attempt("train_step_ms_compile", compiled_step)
-    mode, value = pick_best({m: row.get(f"train_step_ms_{m}") for m in MODES}, higher_is_better=False)
+    if o.cuda_graphs and o.torch_compile:
+        if dev.type != "cuda":
+            row["unavailable"]["train_step_ms_graph_compile"] = "CUDA graphs need a CUDA device"
+        elif compile_skipped(o, name, graph_ran=graphed):
+            row["unavailable"]["train_step_ms_graph_compile"] = COMPILE_SKIPPED
+        else:
+            attempt("train_step_ms_graph_compile",
+                    lambda: _graphed_training(row, net, spec, o, xt, target, timed, compiled=True))
+    mode, value = pick_best({m: row.get(f"train_step_ms_{m}") for m in TRAIN_MODES}, higher_is_better=False)
     row["train_step_ms_best"], row["best_mode"]["train"] = value, mode
     if o.profile and not spec.nnunet and dev.type == "cuda":
         row["train_profile"] = profile_train_step(net, xt, target)
 
 
 def _graphed_training(row: Dict, net: nn.Module, spec: Network, o: BenchmarkOptions, xt, target,
-                      timed: Callable) -> None:
+                      timed: Callable, compiled: bool = False) -> None:
     """The whole training step replayed from one CUDA graph, as this package's trainers run it: the fused
-    SGD (``nnunet.optim.SGD``, nnU-Net's settings), channels_last_3d where the trainer trains in it."""
+    SGD (``nnunet.optim.SGD``, nnU-Net's settings), channels_last_3d where the trainer trains in it;
+    ``compiled``: with ``torch.compile(net)``'s forward inside (``train_step_ms_graph_compile``)."""
     import torch
 
     from ..acceleration.training import GraphedTrainStep
@@ -599,15 +613,17 @@ def _graphed_training(row: Dict, net: nn.Module, spec: Network, o: BenchmarkOpti
         opt = SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5, fused=True)
         scaler = torch.amp.GradScaler("cuda")
         # one eager step creates the optimiser's and GradScaler's state and autotunes cuDNN; then the capture
-        step = GraphedTrainStep(lambda x, t: _step_body(net, net, opt, scaler, x, t), [opt], warmup=1)
+        forward = torch.compile(net) if compiled else net  # the first (eager) step compiles it
+        step = GraphedTrainStep(lambda x, t: _step_body(net, forward, opt, scaler, x, t), [opt], warmup=1)
         x = xt.contiguous(memory_format=layout)
-        row["train_memory_format_graph"] = "channels_last_3d" if channels_last else "contiguous"
+        key = "train_step_ms_graph_compile" if compiled else "train_step_ms_graph"
+        row[key.replace("train_step_ms", "train_memory_format")] = "channels_last_3d" if channels_last else "contiguous"
         torch.cuda.reset_peak_memory_stats()
         for _ in range(step.warmup + 1):  # not cut short by --measure-seconds
             step(x, target)
         if len(step) != 1:
             raise RuntimeError("the training step was not captured (it ran eagerly)")
-        timed("train_step_ms_graph", lambda: step(x, target), 1, reset=False)
+        timed(key, lambda: step(x, target), 1, reset=False)
     finally:
         net.to(memory_format=torch.channels_last_3d if o.channels_last else torch.contiguous_format)
 
@@ -740,18 +756,19 @@ def markdown(result: Dict) -> str:
                     + "".join(f"{num(r.get(f'fps_{p}_best'))} | " for p in precisions)
                     + f"{num(r.get('infer_peak_gb'), '{:.2f}')} |")
         lines.append(line)
-    head = ("| network | train step eager (ms) | graph | compile | best | best vs PlainConvUNet compiled | "
-            "peak eager (GB) | peak graph (GB) | peak compile (GB) |")
+    head = ("| network | train step eager (ms) | graph | compile | graph + compile | best | best vs PlainConvUNet "
+            "compiled | peak eager (GB) | peak graph (GB) | peak compile (GB) | peak graph + compile (GB) |")
     lines += ["", "Training step (batch %d, fp16)" % result["train_batch"], "", head,
               "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         line = failed(r, head.count("|") - 1)
         if line is None:
-            line = (f"| {r['network']} | " + " | ".join(num(r.get(f"train_step_ms_{m}")) for m in MODES)
+            line = (f"| {r['network']} | " + " | ".join(num(r.get(f"train_step_ms_{m}")) for m in TRAIN_MODES)
                     + f" | {num(r['train_step_ms_best'])} ({r['best_mode'].get('train') or '-'}) | "
                     f"{vs(r['train_step_ms_best'], base.get('train_step_ms_compile'))} | "
                     + " | ".join(num(r.get(k), "{:.2f}") for k in ("train_peak_gb", "train_peak_gb_graph",
-                                                                   "train_peak_gb_compile")) + " |")
+                                                                   "train_peak_gb_compile",
+                                                                   "train_peak_gb_graph_compile")) + " |")
         lines.append(line)
     unavailable = [f"- {r['network']} {k}: {why}" for r in rows for k, why in r.get("unavailable", {}).items()]
     if unavailable:

@@ -4,6 +4,7 @@ are read from has its schema, a network that fails is recorded and the run goes 
 what it has no time for, and ``_best`` is the fastest mode. The GPU test runs the same at a small patch
 with graph replay (the lead's smoke test before the real run)."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -172,6 +173,24 @@ def test_time_budget_skips_the_remaining_networks(budgeted_run):
     assert "| taming_segmamba | skipped: the time budget of 500 s was spent" in table
 
 
+def test_training_table_has_a_column_for_each_mode_including_the_compiled_graph(budgeted_run):
+    """Each training row has as many cells as the header, and the compiled-inside-the-graph step (the
+    trainers' mode under ``nnUNet_compile``) lands in its own column, and is the best where fastest."""
+    result = copy.deepcopy(budgeted_run[0])
+    row = result["rows"][0]
+    row.update(train_step_ms_graph=4.5, train_step_ms_compile=6.5, train_step_ms_graph_compile=2.5,
+               train_peak_gb_graph_compile=0.75)
+    assert bench.pick_best({m: row.get(f"train_step_ms_{m}") for m in bench.TRAIN_MODES},
+                           higher_is_better=False) == ("graph_compile", 2.5)
+    table = bench.markdown(result).split("Training step")[1].splitlines()
+    head = next(line for line in table if line.startswith("| network |"))
+    line = next(line for line in table if line.startswith(f"| {row['network']} |"))
+    heads, cells = [c.strip() for c in head.split("|")], [c.strip() for c in line.split("|")]
+    assert len(cells) == len(heads)
+    assert cells[heads.index("graph + compile")] == "2.5" and cells[heads.index("graph")] == "4.5"
+    assert cells[heads.index("peak graph + compile (GB)")] == "0.75"
+
+
 def test_a_network_that_cannot_take_the_patch_is_recorded_and_the_run_goes_on():
     # a 4^3 patch plans a single stage: Taming Mambas' networks refuse it, MobileViM takes it
     options = bench.BenchmarkOptions(patch=(4, 4, 4), train=False, **TINY)
@@ -251,6 +270,22 @@ def test_family_benchmark_on_gpu_replays_graphs(tmp_path):
         assert rows[name]["fps_fp16_graph"] > 0 and rows[name]["train_step_ms_graph"] > 0, rows[name]["unavailable"]
         assert rows[name]["graph_max_abs_diff_fp32"] <= 5e-3 * rows[name]["logit_max_abs_fp32"]
     assert json.loads((tmp_path / "family.json").read_text())["rows"][-1]["network"] == "taming_segmamba"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_family_benchmark_on_gpu_times_the_compiled_network_inside_the_graph(tmp_path):
+    """The fourth training mode runs for nnU-Net's network and for MobileViM (whose resize once broke the
+    capture under torch.compile): a time, a peak, and a row without errors."""
+    options = bench.BenchmarkOptions(patch=(32, 32, 32), device="cuda", base_features=8, max_features=64,
+                                     iterations=5, warmup=2, precisions=("fp16",), cuda_graphs=True,
+                                     torch_compile=True)
+    result = bench.benchmark(["plainconvunet", "mobilevim_xs"], options)
+    print("\n" + bench.markdown(result))
+    for row in result["rows"]:
+        assert "error" not in row, row
+        assert "train_step_ms_graph_compile" not in row["unavailable"], row["unavailable"]
+        assert row["train_step_ms_graph_compile"] > 0 and row["train_peak_gb_graph_compile"] > 0
 
 
 def test_kernel_table_is_per_step_and_ranked_by_time():
