@@ -30,6 +30,7 @@ LINEAR_MODE = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
 
 @functools.lru_cache(maxsize=128)
+@torch.inference_mode(False)
 def interpolation_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """(n_out, n_in): row j holds the weights with which linear interpolation (``align_corners=False``)
     mixes the inputs into output j, computed as PyTorch's kernels do (source index
@@ -37,11 +38,6 @@ def interpolation_matrix(n_in: int, n_out: int, device: torch.device, dtype: tor
     inputs and in float64 for float64; the right neighbour clamped at the last input). Made once per size
     pair, device and dtype; do not modify the result (it is shared). A normal tensor also when first made
     under ``torch.inference_mode``: a cached inference tensor would break every later training step."""
-    with torch.inference_mode(False):
-        return _interpolation_matrix(n_in, n_out, device, dtype)
-
-
-def _interpolation_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     scale = torch.tensor(float(n_in), dtype=acc) / n_out
     dst = torch.arange(n_out, dtype=acc)
