@@ -41,12 +41,18 @@ from torch import nn
 
 from ..acceleration.inference import FastInference
 from ..acceleration.training import GraphedTrainStep, RunAhead
-from ..ssm import describe_backend, resolve_backend
+from ..ssm import DualDirectionMamba, describe_backend, resolve_backend
+from ..ssm.mamba import Mamba
 from .device_augmentation import DeviceAugmentation
 from .optim import CHECKPOINT_KEYS, SGD, checkpoint_mismatch, contiguous_state_dict, portable_checkpoints
 from .prediction_networks import for_prediction
 from .progress_plot import BackgroundProgressPlot
 from .switches import cuda_graphs_enabled
+
+
+def _has_selective_scan(network: nn.Module) -> bool:
+    """Whether ``network`` holds a Mamba layer of this package (its scan backend is then worth a log line)."""
+    return any(isinstance(m, (Mamba, DualDirectionMamba)) for m in network.modules())
 
 
 class nnUNetTrainerMambaBase(BackgroundProgressPlot, DeviceAugmentation, nnUNetTrainer):
@@ -242,11 +248,13 @@ class nnUNetTrainerMambaBase(BackgroundProgressPlot, DeviceAugmentation, nnUNetT
     def on_train_start(self):
         super().on_train_start()
         on_cuda = self.device.type == "cuda"
+        scans = _has_selective_scan(self.network)  # nnU-Net's own networks (nnUNetTrainer_Accelerated) have none
+        scan = f"selective scan backend: {resolve_backend(on_cuda)}" if scans else "no selective scan"
         self.print_to_log_file(
-            f"{self.describe_network()}, selective scan backend: {resolve_backend(on_cuda)}, torch.compile: "
+            f"{self.describe_network()}, {scan}, torch.compile: "
             f"{self._do_i_compile()}{' (inside the graph)' if self.compiled_network is not None else ''}, "
-            f"CUDA-graph training step: {self.graphed_train_step is not None}\n"
-            f"{describe_backend(on_cuda)}")
+            f"CUDA-graph training step: {self.graphed_train_step is not None}"
+            + (f"\n{describe_backend(on_cuda)}" if scans else ""))
 
     def describe_network(self) -> str:
         """One line for the training log."""

@@ -41,3 +41,27 @@ def test_summary_of_a_network_by_its_trainer():
     assert info["output_shapes"][0] == [1, 14, 512, 512]
     res = run("summary", "--network", "nnUNetTrainerNoSuchNetwork")
     assert res.returncode == 2 and "nnunetv2_mobilevim list" in res.stderr
+
+
+def test_networks_built_for_listing_leave_pytorchs_initialisers_as_they_were():
+    """``list`` skips the initialisers on the meta device; afterwards (also after a builder that fails) a
+    network built on the CPU is initialised as before: the same weights as one built without ``list``."""
+    import pytest
+    import torch
+    from torch import nn
+
+    from nnunetv2_mobilevim.cli.listing import build_network, example_plans, find_trainer, initialisers_skipped
+
+    before = {n: getattr(nn.init, n) for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")}
+    with pytest.raises(RuntimeError, match="builder failed"):
+        with initialisers_skipped():
+            raise RuntimeError("builder failed")
+    build_network(find_trainer("nnUNetTrainerUMambaBot"), example_plans()["2d"])
+    assert {n: getattr(nn.init, n) for n in before} == before
+    torch.manual_seed(0)
+    weights = nn.Conv3d(2, 4, 3).weight.detach().clone()
+    torch.manual_seed(0)
+    with torch.device("meta"), initialisers_skipped():
+        nn.Conv3d(2, 4, 3)
+    torch.manual_seed(0)
+    assert torch.equal(nn.Conv3d(2, 4, 3).weight, weights) and weights.abs().sum() > 0

@@ -3,11 +3,12 @@ iterations, continues from its checkpoint with --c, and predicts, on the shared 
 `nnUNetPlans_small`. Each runs as a short subclass in an extra trainer folder (as a user would shorten
 one); nnU-Net finds the shipped ones through `nnunetv2_mobilevim ext-path`.
 
-In CI (each ~1.5 min on 2 cores): one network of each family in 3D (U-Mamba Enc, BiSegMamba) and
-MobileViM in 2D; nnU-Net's own network on this package's machinery (`nnUNetTrainer_Accelerated`) trains
-only (its continuation and prediction are the base trainer's, run by the others; its prediction network:
-tests/nnunet/test_prediction_networks.py). Every other trainer, every twin, the `_Paper` recipes, the
-whole cycle for `nnUNetTrainer_Accelerated` and more 2D networks are marked `exhaustive`:
+In CI (each ~1-1.5 min on 2 cores): one network of each family in 3D (U-Mamba Enc, BiSegMamba) and
+MobileViM in 2D (without --c, which the 3D ones run); nnU-Net's own network on this package's machinery
+(`nnUNetTrainer_Accelerated`) trains only (its continuation and prediction are the base trainer's, run
+by the others; its prediction network: tests/nnunet/test_prediction_networks.py). Every other trainer,
+every twin, the `_Paper` recipes, the whole cycle for `nnUNetTrainer_Accelerated` and more 2D networks
+are marked `exhaustive`:
 `pytest -m exhaustive tests/nnunet/test_family_cli.py` (log: docs/benchmarks/cpu_family_cli.txt).
 """
 
@@ -28,6 +29,7 @@ MAMBA = ["nnUNetTrainerUMambaBot", "nnUNetTrainerUMambaEnc", "nnUNetTrainerTamin
 TWINS = [name + "_NoMamba" for name in MAMBA]
 PAPER = [name + "_Paper" for name in MAMBA if "UMamba" not in name]  # Taming's own recipe (RAdam, linear)
 IN_CI_3D = ["nnUNetTrainerUMambaEnc", "nnUNetTrainerBiSegMamba"]  # one per network family; the rest: exhaustive
+IN_CI_2D = ["nnUNetTrainerMobileViM"]  # trains and predicts in CI; its whole cycle (with --c): exhaustive
 ACCELERATED = "nnUNetTrainer_Accelerated"
 PLANS = "nnUNetPlans_small"
 
@@ -88,12 +90,14 @@ def _train(family_env, trainer: str, configuration: str):
     return train, fold, log
 
 
-def _train_continue_predict(workspace, family_env, trainer: str, configuration: str, tmp_path) -> None:
+def _train_continue_predict(workspace, family_env, trainer: str, configuration: str, tmp_path,
+                            continue_training: bool = True) -> None:
     env, _ = family_env
     train, fold, _ = _train(family_env, trainer, configuration)
     name = f"{trainer}_short"
-    # --c on a finished run loads checkpoint_final.pth through the trainer's checks, then validates again
-    run([*train, "--c"], env)
+    if continue_training:
+        # --c on a finished run loads checkpoint_final.pth through the trainer's checks, then validates again
+        run([*train, "--c"], env)
     summary = fold / "validation" / "summary.json"
     assert summary.is_file()
     out = tmp_path / "pred"
@@ -108,15 +112,16 @@ def test_trains_continues_and_predicts_in_3d(workspace, family_env, trainer, tmp
     _train_continue_predict(workspace, family_env, trainer, "3d_fullres", tmp_path)
 
 
+@pytest.mark.parametrize("trainer", IN_CI_2D)
+def test_trains_and_predicts_in_2d(workspace, family_env, trainer, tmp_path):
+    """Continuing (--c) is the base trainer's and the same in 2D; the 3D tests run it (35 s more here)."""
+    _train_continue_predict(workspace, family_env, trainer, "2d", tmp_path, continue_training=False)
+
+
 def test_nnunets_network_trains_on_the_package_machinery_in_3d(workspace, family_env):
     """nnU-Net's own network from the plan (PlainConvUNet here) in this package's trainer base."""
     _, _, log = _train(family_env, ACCELERATED, "3d_fullres")
-    assert "network PlainConvUNet" in log
-
-
-@pytest.mark.parametrize("trainer", ["nnUNetTrainerMobileViM"])
-def test_trains_continues_and_predicts_in_2d(workspace, family_env, trainer, tmp_path):
-    _train_continue_predict(workspace, family_env, trainer, "2d", tmp_path)
+    assert "network PlainConvUNet, no selective scan, torch.compile: False" in log and "selective scan:" not in log
 
 
 @pytest.mark.exhaustive
@@ -126,7 +131,8 @@ def test_every_other_trainer_in_3d(workspace, family_env, trainer, tmp_path):
 
 
 @pytest.mark.exhaustive
-@pytest.mark.parametrize("trainer", ["nnUNetTrainerUMambaBot", "nnUNetTrainerUMambaEnc", "nnUNetTrainerTamingSegMamba",
-                                     "nnUNetTrainerMultiSegMamba", "nnUNetTrainerSegMambaSkip"])
+@pytest.mark.parametrize("trainer", [*IN_CI_2D, "nnUNetTrainerUMambaBot", "nnUNetTrainerUMambaEnc",
+                                     "nnUNetTrainerTamingSegMamba", "nnUNetTrainerMultiSegMamba",
+                                     "nnUNetTrainerSegMambaSkip"])
 def test_more_networks_in_2d(workspace, family_env, trainer, tmp_path):
     _train_continue_predict(workspace, family_env, trainer, "2d", tmp_path)
