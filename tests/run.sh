@@ -16,4 +16,5 @@ echo "== installing nnunetv2-mobilevim[test] (first time: torch + nnU-Net, a few
 echo "== lint (ruff, configured in pyproject.toml)"
 .venv/bin/python -m ruff check nnunetv2_mobilevim tests
 echo "== running the test suite"
-exec .venv/bin/python -m pytest -ra "$@"
+# two workers, one test file each at a time (module fixtures stay shared within a file); PYTEST_WORKERS=0: one process
+exec .venv/bin/python -m pytest -ra -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"

@@ -69,9 +69,9 @@ def dataset_plans(dataset: str, plans: str = "nnUNetPlans") -> Dict[str, Plan]:
 @contextmanager
 def initialisers_skipped():
     """``torch.nn.init``'s in-place initialisers as no-ops, for networks built on the meta device: there
-    they only cost time (PyTorch runs them as reference decompositions; most of ``list``'s 12 s on two
-    cores). Our own: PyTorch's ``skip_init`` takes one module class with a ``device`` argument, not a
-    whole network's builder (transformers' ``no_init_weights`` does the same as this, for its models)."""
+    they only cost time (PyTorch runs them as reference decompositions, op by op). Our own: PyTorch's
+    ``skip_init`` takes one module class with a ``device`` argument, not a whole network's builder
+    (transformers' ``no_init_weights`` does the same as this, for its models)."""
     names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_") and callable(getattr(nn.init, n))]
     saved = {n: getattr(nn.init, n) for n in names}
     for n in names:

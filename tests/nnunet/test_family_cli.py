@@ -114,7 +114,8 @@ def test_trains_continues_and_predicts_in_3d(workspace, family_env, trainer, tmp
 
 @pytest.mark.parametrize("trainer", IN_CI_2D)
 def test_trains_and_predicts_in_2d(workspace, family_env, trainer, tmp_path):
-    """Continuing (--c) is the base trainer's and the same in 2D; the 3D tests run it (35 s more here)."""
+    """Continuing (--c) is the base trainer's and the same in 2D; the 3D tests run it (here it would cost
+    one more nnU-Net training process)."""
     _train_continue_predict(workspace, family_env, trainer, "2d", tmp_path, continue_training=False)
 
 
