@@ -277,7 +277,7 @@ def test_family_benchmark_on_gpu_replays_graphs(tmp_path):
 def test_family_benchmark_on_gpu_times_the_compiled_network_inside_the_graph(tmp_path):
     """The fourth training mode runs for nnU-Net's network and for MobileViM (whose resize once broke the
     capture under torch.compile): a time, a peak, and a row without errors. fp32 forwards only, so that
-    the forward is not compiled too: compiling MobileViM_xs three times took over four minutes (H200)."""
+    the forward is not compiled too: each compilation of MobileViM_xs takes minutes."""
     options = bench.BenchmarkOptions(patch=(32, 32, 32), device="cuda", base_features=8, max_features=64,
                                      iterations=5, warmup=2, precisions=("fp32",), cuda_graphs=True,
                                      torch_compile=True)

@@ -6,6 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
+from torch import nn
+
+from nnunetv2_mobilevim.cli.listing import build_network, example_plans, find_trainer, initialisers_skipped
 from nnunetv2_mobilevim.ext_trainers import nnunetv2_mobilevim_trainers as shim
 
 
@@ -46,12 +51,6 @@ def test_summary_of_a_network_by_its_trainer():
 def test_networks_built_for_listing_leave_pytorchs_initialisers_as_they_were():
     """``list`` skips the initialisers on the meta device; afterwards (also after a builder that fails) a
     network built on the CPU is initialised as before: the same weights as one built without ``list``."""
-    import pytest
-    import torch
-    from torch import nn
-
-    from nnunetv2_mobilevim.cli.listing import build_network, example_plans, find_trainer, initialisers_skipped
-
     before = {n: getattr(nn.init, n) for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")}
     with pytest.raises(RuntimeError, match="builder failed"):
         with initialisers_skipped():
