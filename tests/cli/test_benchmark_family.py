@@ -273,11 +273,13 @@ def test_family_benchmark_on_gpu_replays_graphs(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.exhaustive
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_family_benchmark_on_gpu_times_the_compiled_network_inside_the_graph(tmp_path):
-    """The fourth training mode runs for nnU-Net's network and for MobileViM (whose resize once broke the
-    capture under torch.compile): a time, a peak, and a row without errors. fp32 forwards only, so that
-    the forward is not compiled too: each compilation of MobileViM_xs takes minutes."""
+    """The fourth training mode runs for nnU-Net's network and for MobileViM: a time, a peak, and a row
+    without errors. fp32 forwards only, so that the forward is not compiled too. Exhaustive: it compiles
+    each network twice and takes longer than a GPU call; that MobileViM's resize stays capturable under
+    torch.compile is shown by the compiled whole-step test of tests/acceleration/test_gpu_graphs.py."""
     options = bench.BenchmarkOptions(patch=(32, 32, 32), device="cuda", base_features=8, max_features=64,
                                      iterations=5, warmup=2, precisions=("fp32",), cuda_graphs=True,
                                      torch_compile=True)
